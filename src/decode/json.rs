@@ -1,0 +1,293 @@
+//! JSON wire form of an AgentAction and the one validation every format ends
+//! in.
+//!
+//! Deserialization borrows strings from the record where it can; numbers that
+//! must be exact (amount, confidence) are read as raw JSON text and parsed as
+//! decimals, so `100.01` is never rounded through a float.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::DecodeError;
+use crate::action::{AgentAction, Audience, DataClassification, Environment, Signals, Target};
+
+type Text<'a> = Option<Cow<'a, str>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireAction<'a> {
+    #[serde(borrow, default)]
+    action_id: Text<'a>,
+    #[serde(borrow, default)]
+    occurred_at: Text<'a>,
+    #[serde(borrow, default)]
+    agent_id: Text<'a>,
+    #[serde(borrow, default)]
+    fleet: Text<'a>,
+    #[serde(borrow, default)]
+    tenant: Text<'a>,
+    #[serde(borrow, default)]
+    run_id: Text<'a>,
+    #[serde(borrow, default)]
+    kind: Text<'a>,
+    #[serde(borrow, default)]
+    summary: Text<'a>,
+    #[serde(borrow, default)]
+    reason: Text<'a>,
+    #[serde(borrow, default)]
+    target: Option<WireTarget<'a>>,
+    #[serde(borrow, default)]
+    signals: Option<WireSignals<'a>>,
+    #[serde(default)]
+    attributes: Option<BTreeMap<String, String>>,
+    #[serde(borrow, default)]
+    payload: Text<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTarget<'a> {
+    #[serde(borrow, default)]
+    system: Text<'a>,
+    #[serde(borrow, default)]
+    resource: Text<'a>,
+    #[serde(borrow, default)]
+    account_id: Text<'a>,
+    #[serde(borrow, default)]
+    environment: Text<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSignals<'a> {
+    #[serde(borrow, default)]
+    data_classification: Text<'a>,
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    currency: Text<'a>,
+    #[serde(default)]
+    recipient_count: Option<u64>,
+    #[serde(borrow, default)]
+    audience: Text<'a>,
+    #[serde(default)]
+    reversible: Option<bool>,
+    #[serde(borrow, default)]
+    rollback_path: Text<'a>,
+    #[serde(borrow, default)]
+    blast_radius: Text<'a>,
+    #[serde(borrow, default)]
+    scope: Text<'a>,
+    #[serde(borrow, default)]
+    destination: Text<'a>,
+    #[serde(borrow, default)]
+    retention: Text<'a>,
+    #[serde(borrow, default)]
+    incident_id: Text<'a>,
+    #[serde(borrow, default)]
+    impact: Text<'a>,
+    #[serde(borrow, default)]
+    alternatives: Text<'a>,
+    #[serde(borrow, default)]
+    promises: Text<'a>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+    #[serde(borrow, default)]
+    deadline: Text<'a>,
+    #[serde(borrow, default)]
+    confidence: Option<&'a RawValue>,
+}
+
+/// Decodes and validates one JSON AgentAction.
+pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let wire: WireAction = serde_path_to_error::deserialize(&mut de).map_err(wire_error)?;
+    de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
+    validate(wire)
+}
+
+/// Keeps the field path serde saw and drops serde_json's position suffix,
+/// which means nothing to someone reading a DLQ header.
+fn wire_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return DecodeError::Json(inner.to_string());
+    }
+    let message = inner.to_string();
+    let message = match message.rfind(" at line ") {
+        Some(cut) => message[..cut].to_string(),
+        None => message,
+    };
+    let field = if path == "." { "(record)".to_string() } else { path };
+    DecodeError::field(field, message)
+}
+
+fn validate(w: WireAction<'_>) -> Result<AgentAction, DecodeError> {
+    let target = w.target.map(validate_target).transpose()?.unwrap_or_default();
+    let signals = w.signals.map(validate_signals).transpose()?.unwrap_or_default();
+    Ok(AgentAction {
+        action_id: required(w.action_id, "action_id")?,
+        occurred_at: timestamp(required(w.occurred_at, "occurred_at")?, "occurred_at")?,
+        agent_id: required(w.agent_id, "agent_id")?,
+        fleet: optional(w.fleet),
+        tenant: optional(w.tenant),
+        run_id: optional(w.run_id),
+        kind: kind(required(w.kind, "kind")?)?,
+        summary: required(w.summary, "summary")?,
+        reason: optional(w.reason),
+        target,
+        signals,
+        attributes: w.attributes.unwrap_or_default(),
+        payload: optional(w.payload),
+    })
+}
+
+fn validate_target(w: WireTarget<'_>) -> Result<Target, DecodeError> {
+    Ok(Target {
+        system: optional(w.system),
+        resource: optional(w.resource),
+        account_id: optional(w.account_id),
+        environment: vocabulary(
+            w.environment,
+            "target.environment",
+            Environment::parse,
+            Environment::NAMES,
+        )?,
+    })
+}
+
+fn validate_signals(w: WireSignals<'_>) -> Result<Signals, DecodeError> {
+    let amount = w.amount.map(|raw| decimal(raw, "signals.amount")).transpose()?;
+    if let Some(a) = amount
+        && a.is_sign_negative()
+        && !a.is_zero()
+    {
+        return Err(DecodeError::field("signals.amount", format!("{a} is negative")));
+    }
+    let confidence = w
+        .confidence
+        .map(|raw| decimal(raw, "signals.confidence"))
+        .transpose()?;
+    if let Some(c) = confidence
+        && (c < Decimal::ZERO || c > Decimal::ONE)
+    {
+        return Err(DecodeError::field(
+            "signals.confidence",
+            format!("{c} is outside 0..1"),
+        ));
+    }
+    let currency = optional(w.currency);
+    if let Some(c) = &currency
+        && !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(DecodeError::field(
+            "signals.currency",
+            format!("{c:?} is not an ISO 4217 code (three capital letters)"),
+        ));
+    }
+    Ok(Signals {
+        data_classification: vocabulary(
+            w.data_classification,
+            "signals.data_classification",
+            DataClassification::parse,
+            DataClassification::NAMES,
+        )?,
+        amount,
+        currency,
+        recipient_count: w.recipient_count,
+        audience: vocabulary(w.audience, "signals.audience", Audience::parse, Audience::NAMES)?,
+        reversible: w.reversible,
+        rollback_path: optional(w.rollback_path),
+        blast_radius: optional(w.blast_radius),
+        scope: optional(w.scope),
+        destination: optional(w.destination),
+        retention: optional(w.retention),
+        incident_id: optional(w.incident_id),
+        impact: optional(w.impact),
+        alternatives: optional(w.alternatives),
+        promises: optional(w.promises),
+        permissions: w.permissions.unwrap_or_default(),
+        deadline: optional(w.deadline)
+            .map(|d| timestamp(d, "signals.deadline"))
+            .transpose()?,
+        confidence,
+    })
+}
+
+fn required(value: Text<'_>, field: &str) -> Result<String, DecodeError> {
+    match value {
+        None => Err(DecodeError::field(field, "is required")),
+        Some(v) if v.trim().is_empty() => Err(DecodeError::field(field, "must not be empty")),
+        Some(v) => Ok(v.into_owned()),
+    }
+}
+
+/// An empty optional string carries nothing, so it is treated as absent:
+/// `destination: ""` must not count as "the data leaves".
+fn optional(value: Text<'_>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty()).map(Cow::into_owned)
+}
+
+fn kind(kind: String) -> Result<String, DecodeError> {
+    let well_formed = kind.split('.').all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    });
+    if well_formed {
+        Ok(kind)
+    } else {
+        Err(DecodeError::field(
+            "kind",
+            format!("{kind:?} is not a dotted verb like \"data.export\""),
+        ))
+    }
+}
+
+fn vocabulary<T>(
+    value: Text<'_>,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+    names: &[&str],
+) -> Result<Option<T>, DecodeError> {
+    match optional(value) {
+        None => Ok(None),
+        Some(v) => parse(&v)
+            .map(Some)
+            .ok_or_else(|| DecodeError::field(field, format!("{v:?} is not one of {}", names.join(", ")))),
+    }
+}
+
+fn timestamp(text: String, field: &str) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| DecodeError::field(field, format!("{text:?} is not an RFC 3339 timestamp ({e})")))
+}
+
+/// Parses a JSON number or string as an exact decimal. The raw text is used,
+/// so `1e400`, `NaN` or `"lots"` are refused rather than rounded.
+fn decimal(raw: &RawValue, field: &str) -> Result<Decimal, DecodeError> {
+    let text = raw.get();
+    let not_decimal = || DecodeError::field(field, format!("{text} is not a decimal"));
+    let inner: Cow<'_, str> = if text.starts_with('"') {
+        serde_json::from_str(text).map_err(|_| not_decimal())?
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Cow::Borrowed(text)
+    } else {
+        return Err(not_decimal());
+    };
+    let inner = inner.trim();
+    let parsed = if inner.contains(['e', 'E']) {
+        Decimal::from_scientific(inner)
+    } else {
+        Decimal::from_str_exact(inner)
+    };
+    parsed.map_err(|_| not_decimal())
+}

@@ -1,0 +1,132 @@
+//! Decode: record bytes → validated [`AgentAction`], or a [`DecodeError`]
+//! that names the field and what was wrong.
+//!
+//! The first byte picks the format: `{` (after whitespace) is JSON, `0` is
+//! Confluent-framed Avro (magic byte, 4-byte big-endian schema id, Avro
+//! binary). Both end in the same validation ([`json`]), so an event means the
+//! same thing whichever way it arrived. A decode error never panics and never
+//! drops the record: the route stage sends it to the DLQ with
+//! [`DecodeError::reason`] in its headers.
+
+mod avro;
+mod json;
+mod schemas;
+
+use std::sync::Arc;
+
+use crate::action::AgentAction;
+
+pub use schemas::{AGENT_ACTION_SCHEMA_ID, SchemaDir, SchemaError, SchemaSource};
+
+/// Records larger than this are refused before parsing (default 1 MiB, the
+/// broker's own default `message.max.bytes`).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// Why a record is not a valid AgentAction. The `Display` form is what an
+/// operator reads in the DLQ header and the logs.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty record")]
+    Empty,
+    #[error("record is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("record is neither JSON nor Confluent-framed Avro (first byte 0x{0:02x})")]
+    UnknownFormat(u8),
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("Confluent framing needs 5 bytes (magic byte and schema id), record has {0}")]
+    Truncated(usize),
+    #[error("schema id {id}: {source}")]
+    Schema { id: u32, source: SchemaError },
+    #[error("Avro record does not fit schema {id}: {message}")]
+    Avro { id: u32, message: String },
+    /// A field is missing, of the wrong type, or has a value out of its domain.
+    #[error("{field}: {problem}")]
+    Field { field: String, problem: String },
+}
+
+impl DecodeError {
+    pub(crate) fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        DecodeError::Field {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A short, fixed label for metrics (`dead_letters_total{reason}`) and DLQ
+    /// headers; the full message goes beside it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::UnknownFormat(_) => "unknown_format",
+            DecodeError::Json(_) => "bad_json",
+            DecodeError::Truncated(_) => "bad_framing",
+            DecodeError::Schema { .. } => "unknown_schema",
+            DecodeError::Avro { .. } => "bad_avro",
+            DecodeError::Field { .. } => "invalid_field",
+        }
+    }
+}
+
+/// Turns record bytes into actions. Cheap to clone; shared by every
+/// partition's worker.
+#[derive(Clone)]
+pub struct Decoder {
+    schemas: Arc<dyn SchemaSource>,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(schemas: Arc<dyn SchemaSource>, max_bytes: usize) -> Self {
+        avro::bound_allocations(max_bytes);
+        Decoder { schemas, max_bytes }
+    }
+
+    /// A decoder with the schemas bundled in the binary (`schemas/`).
+    pub fn bundled() -> Self {
+        Decoder::new(Arc::new(SchemaDir::bundled()), DEFAULT_MAX_RECORD_BYTES)
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<AgentAction, DecodeError> {
+        if bytes.len() > self.max_bytes {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bytes,
+            });
+        }
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => Err(DecodeError::Empty),
+            Some(b'{') => json::decode(bytes),
+            Some(0) if bytes[0] == 0 => {
+                let (id, body) = split_frame(bytes)?;
+                let schema = self
+                    .schemas
+                    .schema(id)
+                    .map_err(|source| DecodeError::Schema { id, source })?;
+                avro::decode(id, &schema, body)
+            }
+            Some(&other) => Err(DecodeError::UnknownFormat(other)),
+        }
+    }
+}
+
+/// Splits Confluent framing into the schema id and the Avro body.
+fn split_frame(bytes: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    match bytes {
+        [0, a, b, c, d, body @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), body)),
+        _ => Err(DecodeError::Truncated(bytes.len())),
+    }
+}
+
+/// Frames an Avro body the Confluent way; used by producers in tests, the
+/// demo and benchmarks.
+pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+pub use avro::encode_json_as_avro;

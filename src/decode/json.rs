@@ -104,11 +104,28 @@ struct WireSignals<'a> {
 }
 
 /// Decodes and validates one JSON AgentAction.
+///
+/// The fast path deserializes without tracking the field path, which costs an
+/// allocation per key; only a record that fails is parsed again with
+/// tracking, to name the field in the error.
 pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction, DecodeError> {
+    match serde_json::from_slice::<WireAction>(bytes) {
+        Ok(wire) => validate(wire),
+        Err(_) => Err(explain_failure(bytes)),
+    }
+}
+
+fn explain_failure(bytes: &[u8]) -> DecodeError {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let wire: WireAction = serde_path_to_error::deserialize(&mut de).map_err(wire_error)?;
-    de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
-    validate(wire)
+    match serde_path_to_error::deserialize::<_, WireAction>(&mut de) {
+        Err(e) => wire_error(e),
+        Ok(_) => match de.end() {
+            Err(e) => DecodeError::Json(e.to_string()),
+            // Both parses read the same bytes; reaching here means serde_json
+            // disagreed with itself, which it does not. Still no panic.
+            Ok(()) => DecodeError::Json("the record could not be parsed".into()),
+        },
+    }
 }
 
 /// Keeps the field path serde saw and drops serde_json's position suffix,

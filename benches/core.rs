@@ -18,7 +18,7 @@ fn core(c: &mut Criterion) {
     let matrix = Matrix::load(&root.join("deploy/matrix.yaml")).expect("default matrix loads");
     let event = std::fs::read(root.join("benches/data/action-1k.json")).expect("bench event exists");
     let decoder = Decoder::bundled();
-    let mut directory = Directory::default();
+    let directory = Directory::default();
     directory.upsert(
         "accounts",
         "acct-4471",
@@ -30,7 +30,9 @@ fn core(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("core");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("decode", |b| b.iter(|| decoder.decode(black_box(&event)).map(|a| a.kind.len())));
+    group.bench_function("decode", |b| {
+        b.iter(|| decoder.decode(black_box(&event)).map(|a| a.kind.len()))
+    });
     group.bench_function("decode_route_packet", |b| {
         b.iter(|| {
             let action = decoder.decode(black_box(&event)).expect("bench event is valid");
@@ -44,8 +46,12 @@ fn core(c: &mut Criterion) {
                 decisions_topic: "approvals.decisions",
                 routed_at: Utc::now(),
             };
-            let packets: Vec<_> = routing.lanes.iter().map(|hit| packet::for_lane(&input, hit)).collect();
-            black_box(packets)
+            let packets: Vec<_> = routing
+                .lanes
+                .iter()
+                .map(|hit| packet::for_lane(&input, hit))
+                .collect();
+            black_box(&packets);
         })
     });
     group.bench_function("decode_route_packet_serialize", |b| {
@@ -74,3 +80,7 @@ fn core(c: &mut Criterion) {
 
 criterion_group!(benches, core);
 criterion_main!(benches);
+
+/// The binary's allocator (see `src/main.rs`), so the figure is the shipped one.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -7,10 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::config::{Config, Guarantee, Stage};
 use crate::decode::Decoder;
 use crate::enrich::{Directory, Record, enrich};
 use crate::explain::explain;
 use crate::matrix::Matrix;
+use crate::metrics::Metrics;
+use crate::topics::Topics;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +28,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the stages against a Kafka cluster.
+    Run(Box<RunArgs>),
+    /// Route bundled sample actions through an in-process Kafka cluster and
+    /// show where each went and why.
+    Demo,
     /// Show where one action would go and why, without Kafka.
     ///
     /// Exit status: 0 routed, 1 invalid event, 2 invalid matrix.
@@ -50,6 +58,108 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT…].
+    #[arg(long, env = "SWITCHBOARD_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    /// The matrix file; watched and reloaded on change or SIGHUP.
+    #[arg(long, env = "SWITCHBOARD_MATRIX")]
+    pub matrix: PathBuf,
+    /// Which stages this process runs.
+    #[arg(long, value_enum, default_value_t = Stage::All, env = "SWITCHBOARD_STAGE")]
+    pub stage: Stage,
+    /// Delivery guarantee between input offsets and outputs.
+    #[arg(long, value_enum, default_value_t = Guarantee::ExactlyOnce, env = "SWITCHBOARD_GUARANTEE")]
+    pub guarantee: Guarantee,
+    /// Consumer group; instances of a stage scale out by sharing it.
+    #[arg(long, default_value = "switchboard", env = "SWITCHBOARD_GROUP_ID")]
+    pub group_id: String,
+    /// Address of /metrics, /healthz and /readyz (loopback unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1:9464", env = "SWITCHBOARD_METRICS_ADDR")]
+    pub metrics_addr: String,
+    /// Exit 0 once this many input records are handled and committed.
+    #[arg(long, env = "SWITCHBOARD_MAX_EVENTS")]
+    pub max_events: Option<u64>,
+    /// A librdkafka property passed through (TLS, SASL, timeouts); repeatable.
+    /// From the environment: comma-separated KEY=VALUE pairs.
+    #[arg(long = "kafka", value_name = "KEY=VALUE", env = "SWITCHBOARD_KAFKA", value_delimiter = ',', value_parser = parse_key_value)]
+    pub kafka: Vec<(String, String)>,
+    /// Partitions of the topics switchboard creates.
+    #[arg(long, default_value_t = 3, env = "SWITCHBOARD_PARTITIONS")]
+    pub partitions: i32,
+    /// Replication factor of the topics switchboard creates.
+    #[arg(long, default_value_t = 1, env = "SWITCHBOARD_REPLICATION_FACTOR")]
+    pub replication_factor: i32,
+    /// Records larger than this go to the DLQ unparsed.
+    #[arg(long, default_value_t = crate::decode::DEFAULT_MAX_RECORD_BYTES, env = "SWITCHBOARD_MAX_RECORD_BYTES")]
+    pub max_record_bytes: usize,
+    /// Records per transaction (or per commit) at most.
+    #[arg(long, default_value_t = 1000, env = "SWITCHBOARD_BATCH_SIZE")]
+    pub batch_size: usize,
+    /// Milliseconds a batch waits for more records once it has one.
+    #[arg(long, default_value_t = 2, env = "SWITCHBOARD_BATCH_WAIT_MS")]
+    pub batch_wait_ms: u64,
+    /// A folder with ids.json and Avro schemas (default: the bundled ones).
+    #[arg(long, env = "SWITCHBOARD_SCHEMAS")]
+    pub schemas: Option<PathBuf>,
+    #[arg(long, default_value = crate::topics::ACTIONS, env = "SWITCHBOARD_ACTIONS_TOPIC")]
+    pub actions_topic: String,
+    #[arg(long, default_value = crate::topics::ALLOWED, env = "SWITCHBOARD_ALLOWED_TOPIC")]
+    pub allowed_topic: String,
+    #[arg(long, default_value = crate::topics::DECISIONS, env = "SWITCHBOARD_DECISIONS_TOPIC")]
+    pub decisions_topic: String,
+    #[arg(long, default_value = crate::topics::OUTCOMES, env = "SWITCHBOARD_OUTCOMES_TOPIC")]
+    pub outcomes_topic: String,
+    #[arg(long, default_value = crate::topics::PENDING, env = "SWITCHBOARD_PENDING_TOPIC")]
+    pub pending_topic: String,
+    #[arg(long, default_value = crate::topics::DLQ, env = "SWITCHBOARD_DLQ_TOPIC")]
+    pub dlq_topic: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> Config {
+        let mut c = Config::new(self.bootstrap_servers, self.matrix);
+        c.stage = self.stage;
+        c.guarantee = self.guarantee;
+        c.group_id = self.group_id;
+        c.metrics_addr = Some(self.metrics_addr).filter(|a| !a.is_empty());
+        c.max_events = self.max_events;
+        c.kafka = self.kafka;
+        c.partitions = self.partitions;
+        c.replication_factor = self.replication_factor;
+        c.max_record_bytes = self.max_record_bytes;
+        c.batch_size = self.batch_size.max(1);
+        c.batch_wait = std::time::Duration::from_millis(self.batch_wait_ms);
+        c.schemas_dir = self.schemas;
+        c.topics = Topics {
+            actions: self.actions_topic,
+            allowed: self.allowed_topic,
+            decisions: self.decisions_topic,
+            outcomes: self.outcomes_topic,
+            pending: self.pending_topic,
+            dlq: self.dlq_topic,
+        };
+        c
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -63,6 +173,8 @@ const EXIT_INVALID_MATRIX: u8 = 2;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run_cmd(*args),
+        Command::Demo => crate::demo::main(),
         Command::Explain {
             matrix,
             format,
@@ -71,6 +183,56 @@ pub fn main() -> ExitCode {
         } => explain_cmd(&matrix, format, directory.as_deref(), &event),
         Command::Check { file } => check_cmd(&file),
     }
+}
+
+fn run_cmd(args: RunArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let config = args.into_config();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    match runtime.block_on(crate::stage::run(config, Metrics::new(), stop)) {
+        Ok(summary) => {
+            tracing::info!(?summary, "exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "switchboard stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Structured logs on stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Only warnings and errors, for commands whose output is for people.
+pub fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn explain_cmd(matrix_path: &Path, format: Format, directory: Option<&Path>, event: &Path) -> ExitCode {
@@ -162,7 +324,7 @@ fn read_directory(path: &Path) -> Result<Directory, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let tables: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Record>> =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut directory = Directory::default();
+    let directory = Directory::default();
     for (table, records) in tables {
         for (key, record) in records {
             directory.upsert(&table, &key, record);

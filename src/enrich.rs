@@ -6,7 +6,9 @@
 //! stage's job. What a join finds is matched by rules, carried in packets,
 //! and used to resolve escalation assignees such as the account's lead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use dashmap::DashMap;
 
 use crate::action::AgentAction;
 use crate::matrix::Matrix;
@@ -18,14 +20,16 @@ pub type Record = BTreeMap<String, String>;
 pub type Enrichment = BTreeMap<String, Record>;
 
 /// The current contents of every directory table: table → key → record.
-#[derive(Debug, Clone, Default)]
+/// Shared between the table readers that keep it current and the workers
+/// that read it, without a global lock.
+#[derive(Debug, Default)]
 pub struct Directory {
-    tables: HashMap<String, HashMap<String, Record>>,
+    tables: DashMap<String, DashMap<String, Record>>,
 }
 
 impl Directory {
     /// Inserts or replaces a record (a compacted topic's latest value).
-    pub fn upsert(&mut self, table: &str, key: &str, record: Record) {
+    pub fn upsert(&self, table: &str, key: &str, record: Record) {
         self.tables
             .entry(table.to_string())
             .or_default()
@@ -33,22 +37,50 @@ impl Directory {
     }
 
     /// Removes a record (a tombstone on the compacted topic).
-    pub fn remove(&mut self, table: &str, key: &str) {
-        if let Some(t) = self.tables.get_mut(table) {
+    pub fn remove(&self, table: &str, key: &str) {
+        if let Some(t) = self.tables.get(table) {
             t.remove(key);
         }
     }
 
-    pub fn get(&self, table: &str, key: &str) -> Option<&Record> {
-        self.tables.get(table)?.get(key)
+    /// A copy of one record.
+    pub fn get(&self, table: &str, key: &str) -> Option<Record> {
+        Some(self.tables.get(table)?.get(key)?.clone())
     }
 
     pub fn len(&self) -> usize {
-        self.tables.values().map(HashMap::len).sum()
+        self.tables.iter().map(|t| t.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Applies one directory-topic record: a JSON object whose values become
+    /// the record's fields (non-string values as their JSON text), or a
+    /// tombstone. Returns false for a value that is not a JSON object.
+    pub fn apply(&self, table: &str, key: &[u8], value: Option<&[u8]>) -> bool {
+        let Ok(key) = std::str::from_utf8(key) else {
+            return false;
+        };
+        let Some(value) = value else {
+            self.remove(table, key);
+            return true;
+        };
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(value) {
+            Ok(object) => {
+                let record = object
+                    .into_iter()
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => (k, s),
+                        other => (k, other.to_string()),
+                    })
+                    .collect();
+                self.upsert(table, key, record);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -64,7 +96,7 @@ pub fn enrich(matrix: &Matrix, action: &AgentAction, directory: &Directory) -> E
             _ => continue,
         };
         if let Some(record) = directory.get(&table.name, key) {
-            out.insert(table.name.clone(), record.clone());
+            out.insert(table.name.clone(), record);
         }
     }
     out

@@ -50,7 +50,7 @@ pub fn explain(matrix: &Matrix, action: &AgentAction, enrichment: &Enrichment) -
         let lane = &matrix.lanes[hit.lane];
         let (_, absent) = packet::context(lane, action, enrichment);
         if !absent.is_empty() {
-            missing.push((lane.name.clone(), absent));
+            missing.push((lane.name.clone(), absent.into_iter().map(String::from).collect()));
         }
         let at = packet::sla_due(action, lane.sla);
         due.push((lane.name.clone(), at.to_rfc3339_opts(SecondsFormat::Secs, true)));

@@ -14,17 +14,41 @@
 //! * [`packet`]: the ApprovalRequest each lane receives.
 //! * [`explain`]: the offline report behind `switchboard explain`.
 //! * [`topics`]: the one place that names topics.
+//! * [`config`]: the one configuration struct of a running process.
+//! * [`kafka`]: client settings and topic creation.
+//! * [`changelog`]: compacted topics read into memory (seen actions, directory).
+//! * [`dedup`]: the seen-action index that stops redelivered actions.
+//! * [`pending`]: the pending-approval record handed to the escalation stage.
+//! * [`dlq`]: dead letters with their reasons.
+//! * [`sink`]: writing a batch exactly once (transactions) or at least once.
+//! * [`reload`]: the live matrix and its hot reload.
+//! * [`stage`]: the Kafka loops (the route stage) and `run`.
+//! * [`demo`]: `switchboard demo`, on an in-process cluster.
+//! * [`metrics`]: the one place Prometheus metrics are defined.
+//! * [`http`]: the tiny server behind `/metrics`, `/healthz` and `/readyz`.
 //! * [`cli`]: the command line; `main.rs` only calls it.
 //!
 //! The core (decode → enrich → route → packet) is pure: plain values in,
 //! plain values out, no Kafka, so it is unit-tested and benchmarked directly.
 
 pub mod action;
+pub mod changelog;
 pub mod cli;
+pub mod config;
 pub mod decode;
+pub mod dedup;
+pub mod demo;
+pub mod dlq;
 pub mod enrich;
 pub mod explain;
+pub mod http;
+pub mod kafka;
 pub mod matrix;
+pub mod metrics;
 pub mod packet;
+pub mod pending;
+pub mod reload;
 pub mod route;
+pub mod sink;
+pub mod stage;
 pub mod topics;

@@ -7,9 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use std::borrow::Cow;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value as Json;
 
 use crate::action::{AgentAction, Target};
 use crate::enrich::Enrichment;
@@ -17,58 +18,104 @@ use crate::matrix::{ContextSource, Lane, Matrix, Val};
 use crate::route::{LaneHit, Routing};
 
 /// The verdicts a Decision may carry.
-pub const VERDICTS: &[&str] = &["approve", "reject", "needs_context"];
+pub const VERDICTS: &[Cow<'static, str>] = &[
+    Cow::Borrowed("approve"),
+    Cow::Borrowed("reject"),
+    Cow::Borrowed("needs_context"),
+];
+
+/// The fields of a Decision, listed in each packet's `decide`.
+pub const DECISION_FIELDS: &[Cow<'static, str>] = &[
+    Cow::Borrowed("action_id"),
+    Cow::Borrowed("lane"),
+    Cow::Borrowed("verdict"),
+    Cow::Borrowed("approver"),
+    Cow::Borrowed("comment"),
+    Cow::Borrowed("decided_at"),
+];
 
 /// One lane's approval request (or, with `review: false`, the record of an
 /// action let through). Field names are the contract of DESIGN.md.
+///
+/// Built packets borrow from the action and the matrix, because the route
+/// stage serializes them at once and a copy per field per lane would be most
+/// of its cost; deserialized packets own their data
+/// ([`OwnedApprovalRequest`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ApprovalRequest {
-    pub action_id: String,
+pub struct ApprovalRequest<'a> {
+    pub action_id: Cow<'a, str>,
     pub review: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lane: Option<String>,
+    pub lane: Option<Cow<'a, str>>,
     /// Every lane that must approve this action, so each approver sees who else is asked.
-    pub review_lanes: Vec<String>,
+    pub review_lanes: Vec<Cow<'a, str>>,
     /// The rules that fired for this lane.
-    pub rules: Vec<String>,
+    pub rules: Vec<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalation_level: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assignee: Option<String>,
+    pub assignee: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla_due: Option<DateTime<Utc>>,
-    pub context: BTreeMap<String, Json>,
-    pub missing_context: Vec<String>,
-    pub summary: String,
-    pub kind: String,
-    pub agent_id: String,
+    pub context: BTreeMap<Cow<'a, str>, ContextValue<'a>>,
+    pub missing_context: Vec<Cow<'a, str>>,
+    pub summary: Cow<'a, str>,
+    pub kind: Cow<'a, str>,
+    pub agent_id: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<String>,
+    pub fleet: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    pub target: Target,
+    pub tenant: Option<Cow<'a, str>>,
+    pub target: Cow<'a, Target>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payload: Option<String>,
+    pub payload: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Cow<'a, str>>,
     pub occurred_at: DateTime<Utc>,
-    pub enrichment: Enrichment,
-    pub matrix_version: String,
+    pub enrichment: Cow<'a, Enrichment>,
+    pub matrix_version: Cow<'a, str>,
     pub routed_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decide: Option<Decide>,
+    pub decide: Option<Decide<'a>>,
 }
 
-/// How a lane consumer answers: write a Decision with these fields, keyed by
-/// `key`, to `topic`, as one of `roster`.
+/// A packet read back from a topic.
+pub type OwnedApprovalRequest = ApprovalRequest<'static>;
+
+/// How a lane consumer answers: write a Decision with these `fields`, keyed
+/// by the action_id, to `topic`, as one of `roster`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decide {
-    pub topic: String,
-    pub key: String,
-    pub lane: String,
-    pub verdicts: Vec<String>,
-    pub roster: Vec<String>,
-    pub fields: Vec<String>,
+pub struct Decide<'a> {
+    pub topic: Cow<'a, str>,
+    pub lane: Cow<'a, str>,
+    pub verdicts: Cow<'a, [Cow<'a, str>]>,
+    pub roster: Cow<'a, [String]>,
+    pub fields: Cow<'a, [Cow<'a, str>]>,
+}
+
+/// A context value as an approver reads it. Money and times are text, so no
+/// consumer reads an amount through a float.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ContextValue<'a> {
+    Text(Cow<'a, str>),
+    Count(u64),
+    Bool(bool),
+    List(Vec<Cow<'a, str>>),
+}
+
+impl<'a> ContextValue<'a> {
+    fn from_val(v: Val<'a>) -> Option<Self> {
+        Some(match v {
+            Val::Absent => return None,
+            Val::Text(t) => ContextValue::Text(Cow::Borrowed(t)),
+            Val::Decimal(d) => ContextValue::Text(Cow::Owned(d.to_string())),
+            Val::Count(n) => ContextValue::Count(n),
+            Val::Bool(b) => ContextValue::Bool(b),
+            Val::List(items) => ContextValue::List(items.iter().map(|i| Cow::Borrowed(i.as_str())).collect()),
+            Val::Time(t) => ContextValue::Text(Cow::Owned(t.to_rfc3339_opts(SecondsFormat::Secs, true))),
+        })
+    }
 }
 
 /// Everything a packet is built from besides the lane.
@@ -96,95 +143,86 @@ pub fn sla_due(action: &AgentAction, sla: std::time::Duration) -> DateTime<Utc> 
 
 /// The lane's context fields that are present, and the names of the required
 /// ones that are not.
-pub fn context(
-    lane: &Lane,
-    action: &AgentAction,
-    enrichment: &Enrichment,
-) -> (BTreeMap<String, Json>, Vec<String>) {
+pub fn context<'a>(
+    lane: &'a Lane,
+    action: &'a AgentAction,
+    enrichment: &'a Enrichment,
+) -> (BTreeMap<Cow<'a, str>, ContextValue<'a>>, Vec<Cow<'a, str>>) {
     let mut present = BTreeMap::new();
     let mut missing = Vec::new();
-    let resolve = |source: &ContextSource| -> Option<Json> {
+    let resolve = |source: &'a ContextSource| -> Option<ContextValue<'a>> {
         match source {
-            ContextSource::Value(v) => Some(Json::String(v.clone())),
+            ContextSource::Value(v) => Some(ContextValue::Text(Cow::Borrowed(v))),
             ContextSource::Fields(fields) => fields
                 .iter()
                 .map(|f| f.get(action, enrichment))
                 .find(Val::is_present)
-                .map(|v| v.to_json()),
+                .and_then(ContextValue::from_val),
         }
     };
     for item in &lane.context {
         match resolve(&item.source) {
             Some(v) => {
-                present.insert(item.name.clone(), v);
+                present.insert(Cow::Borrowed(item.name.as_str()), v);
             }
-            None => missing.push(item.name.clone()),
+            None => missing.push(Cow::Borrowed(item.name.as_str())),
         }
     }
     for item in &lane.optional_context {
         if let Some(v) = resolve(&item.source) {
-            present.insert(item.name.clone(), v);
+            present.insert(Cow::Borrowed(item.name.as_str()), v);
         }
     }
     (present, missing)
 }
 
 /// The level-0 packet for one lane the action reached.
-pub fn for_lane(input: &PacketInput<'_>, hit: &LaneHit) -> ApprovalRequest {
-    let lane = &input.matrix.lanes[hit.lane];
+pub fn for_lane<'a>(input: &PacketInput<'a>, hit: &LaneHit) -> ApprovalRequest<'a> {
+    let matrix = input.matrix;
+    let lane = &matrix.lanes[hit.lane];
     let (context, missing_context) = context(lane, input.action, input.enrichment);
     let mut packet = base(input, context, missing_context);
     packet.review = true;
-    packet.lane = Some(lane.name.clone());
+    packet.lane = Some(Cow::Borrowed(&lane.name));
     packet.rules = hit
         .rules
         .iter()
-        .map(|r| input.matrix.rules[*r].name.clone())
+        .map(|r| Cow::Borrowed(matrix.rules[*r].name.as_str()))
         .collect();
     packet.escalation_level = Some(0);
-    packet.assignee = Some(lane.owner.clone());
+    packet.assignee = Some(Cow::Borrowed(&lane.owner));
     packet.sla_due = Some(sla_due(input.action, lane.sla));
     packet.decide = Some(Decide {
-        topic: input.decisions_topic.to_string(),
-        key: input.action.action_id.clone(),
-        lane: lane.name.clone(),
-        verdicts: VERDICTS.iter().map(|v| v.to_string()).collect(),
-        roster: lane.roster.clone(),
-        fields: [
-            "action_id",
-            "lane",
-            "verdict",
-            "approver",
-            "comment",
-            "decided_at",
-        ]
-        .iter()
-        .map(|f| f.to_string())
-        .collect(),
+        topic: Cow::Borrowed(input.decisions_topic),
+        lane: Cow::Borrowed(&lane.name),
+        verdicts: Cow::Borrowed(VERDICTS),
+        roster: Cow::Borrowed(&lane.roster),
+        fields: Cow::Borrowed(DECISION_FIELDS),
     });
     packet
 }
 
 /// The packet for an action no lane must review (`actions.allowed`).
-pub fn allowed(input: &PacketInput<'_>) -> ApprovalRequest {
+pub fn allowed<'a>(input: &PacketInput<'a>) -> ApprovalRequest<'a> {
     base(input, BTreeMap::new(), Vec::new())
 }
 
-fn base(
-    input: &PacketInput<'_>,
-    context: BTreeMap<String, Json>,
-    missing_context: Vec<String>,
-) -> ApprovalRequest {
+fn base<'a>(
+    input: &PacketInput<'a>,
+    context: BTreeMap<Cow<'a, str>, ContextValue<'a>>,
+    missing_context: Vec<Cow<'a, str>>,
+) -> ApprovalRequest<'a> {
     let a = input.action;
+    let borrowed = |v: &'a Option<String>| v.as_deref().map(Cow::Borrowed);
     ApprovalRequest {
-        action_id: a.action_id.clone(),
+        action_id: Cow::Borrowed(&a.action_id),
         review: false,
         lane: None,
         review_lanes: input
             .routing
             .lane_names(input.matrix)
             .into_iter()
-            .map(String::from)
+            .map(Cow::Borrowed)
             .collect(),
         rules: Vec::new(),
         escalation_level: None,
@@ -192,17 +230,17 @@ fn base(
         sla_due: None,
         context,
         missing_context,
-        summary: a.summary.clone(),
-        kind: a.kind.clone(),
-        agent_id: a.agent_id.clone(),
-        fleet: a.fleet.clone(),
-        tenant: a.tenant.clone(),
-        target: a.target.clone(),
-        payload: a.payload.clone(),
-        reason: a.reason.clone(),
+        summary: Cow::Borrowed(&a.summary),
+        kind: Cow::Borrowed(&a.kind),
+        agent_id: Cow::Borrowed(&a.agent_id),
+        fleet: borrowed(&a.fleet),
+        tenant: borrowed(&a.tenant),
+        target: Cow::Borrowed(&a.target),
+        payload: borrowed(&a.payload),
+        reason: borrowed(&a.reason),
         occurred_at: a.occurred_at,
-        enrichment: input.enrichment.clone(),
-        matrix_version: input.matrix.version.clone(),
+        enrichment: Cow::Borrowed(input.enrichment),
+        matrix_version: Cow::Borrowed(&input.matrix.version),
         routed_at: input.routed_at,
         decide: None,
     }

@@ -27,14 +27,36 @@ pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentActio
     let reader = GenericDatumReader::builder(schema)
         .build()
         .map_err(|e| bad(e.to_string()))?;
-    let mut rest = body;
+    let mut rest = Strict(body);
     let value = reader.read_value(&mut rest).map_err(|e| bad(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(bad(format!("{} bytes left over after the record", rest.len())));
+    if !rest.0.is_empty() {
+        return Err(bad(format!("{} bytes left over after the record", rest.0.len())));
     }
     let as_json = to_json(value, "").map_err(bad)?;
     let bytes = serde_json::to_vec(&as_json).map_err(|e| bad(e.to_string()))?;
     json::decode(&bytes)
+}
+
+/// A reader that fails at the end of its input instead of returning 0 bytes:
+/// apache-avro reads some types (a union index, a boolean, a string body) at
+/// end of input as null, which would let a truncated record through with its
+/// last fields, and so its review triggers, silently missing. The error is
+/// deliberately not `UnexpectedEof`, which apache-avro also reads as null.
+struct Strict<'a>(&'a [u8]);
+
+impl std::io::Read for Strict<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the record ends early",
+            ));
+        }
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
 }
 
 fn to_json(value: Avro, path: &str) -> Result<Json, String> {

@@ -108,15 +108,20 @@ struct WireSignals<'a> {
 /// The fast path deserializes without tracking the field path, which costs an
 /// allocation per key; only a record that fails is parsed again with
 /// tracking, to name the field in the error.
+///
+/// UTF-8 is checked once for the whole record, which is cheaper than
+/// serde_json's check of every string when reading from bytes.
 pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction, DecodeError> {
-    match serde_json::from_slice::<WireAction>(bytes) {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::Json(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    match serde_json::from_str::<WireAction>(text) {
         Ok(wire) => validate(wire),
-        Err(_) => Err(explain_failure(bytes)),
+        Err(_) => Err(explain_failure(text)),
     }
 }
 
-fn explain_failure(bytes: &[u8]) -> DecodeError {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+fn explain_failure(text: &str) -> DecodeError {
+    let mut de = serde_json::Deserializer::from_str(text);
     match serde_path_to_error::deserialize::<_, WireAction>(&mut de) {
         Err(e) => wire_error(e),
         Ok(_) => match de.end() {
@@ -160,7 +165,13 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction, DecodeError> {
         reason: optional(w.reason),
         target,
         signals,
-        attributes: w.attributes.unwrap_or_default(),
+        // Like optional fields, an empty attribute says nothing.
+        attributes: w
+            .attributes
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, v)| !v.trim().is_empty())
+            .collect(),
         payload: optional(w.payload),
     })
 }

@@ -91,7 +91,7 @@ fn check(matrix: &Matrix, decoder: &Decoder, case: &TestCase) -> Result<(), Stri
                 ));
             }
             let (_, got) = packet::context(&matrix.lanes[lane], &action, &case.enrichment);
-            let got: BTreeSet<&str> = got.iter().map(String::as_str).collect();
+            let got: BTreeSet<&str> = got.iter().map(|c| c.as_ref()).collect();
             let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
             if got != want {
                 return Err(format!(

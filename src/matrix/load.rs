@@ -281,7 +281,8 @@ impl<'f> Loader<'f> {
     fn chain(&self, id: LaneId, specs: &[LaneSpec<'_>], visiting: &mut Vec<LaneId>) -> Result<Vec<Step>> {
         let spec = &specs[id];
         let mut chain = Vec::new();
-        let mut seen = HashSet::new();
+        // Level 0 is the lane's owner: no step may ask that person again.
+        let mut seen = HashSet::from([(id, spec.lane.owner.clone())]);
         for (node, step) in &spec.steps {
             let target = &specs[step.lane].lane;
             let mut step = step.clone();
@@ -319,6 +320,17 @@ impl<'f> Loader<'f> {
             visiting.push(next);
             chain.extend(self.chain(next, specs, visiting)?);
             visiting.pop();
+            for step in &chain[spec.steps.len()..] {
+                if !seen.insert((step.lane, step.assignee.clone())) {
+                    return Err(self.err(
+                        node.pos,
+                        format!(
+                            "escalation chain of {:?} asks {:?} on lane {:?} twice through `then`: chains must not loop",
+                            spec.lane.name, step.assignee, specs[step.lane].lane.name
+                        ),
+                    ));
+                }
+            }
         }
         Ok(chain)
     }

@@ -1,0 +1,222 @@
+//! Table readers: whole compacted topics read into memory and kept current.
+//!
+//! The seen-action index (from `switchboard.pending`) and the enrichment
+//! directory (from `directory.<table>`) are both "every key's latest value
+//! of a compacted topic". A reader is assigned every partition (no consumer
+//! group: every instance needs the whole table), reads from the beginning,
+//! reports when it has caught up with the high watermarks it saw at start,
+//! and then keeps tailing until told to stop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::kafka::{KafkaStageError, reader_config};
+
+/// Receives each record: topic, key, and value (`None` for a tombstone).
+pub type Apply = Box<dyn FnMut(&str, &[u8], Option<&[u8]>) + Send>;
+
+/// A running reader; dropping it stops and joins its thread.
+pub struct TableReader {
+    caught_up: Arc<AtomicBool>,
+    halt: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TableReader {
+    /// Starts reading `topics`. Topics that do not exist are read as empty.
+    pub fn spawn(
+        config: &Config,
+        name: &str,
+        topics: Vec<String>,
+        mut apply: Apply,
+        stop: Arc<AtomicBool>,
+    ) -> Result<TableReader, KafkaStageError> {
+        let consumer: BaseConsumer = reader_config(config)
+            .create()
+            .map_err(KafkaStageError::kafka(format!("creating the {name} reader")))?;
+        let timeout = Duration::from_secs(10);
+        let mut assignment = TopicPartitionList::new();
+        let mut targets: Vec<(String, i32, i64)> = Vec::new();
+        for topic in &topics {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), timeout)
+                .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
+            for t in metadata.topics() {
+                if t.error().is_some() {
+                    tracing::info!(topic = %topic, reader = name, "topic not found; reading it as empty");
+                    continue;
+                }
+                for p in t.partitions() {
+                    assignment
+                        .add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .map_err(KafkaStageError::kafka("building the assignment"))?;
+                    let (_, high) = consumer
+                        .fetch_watermarks(topic, p.id(), timeout)
+                        .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
+                    if high > 0 {
+                        targets.push((topic.clone(), p.id(), high));
+                    }
+                }
+            }
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(KafkaStageError::kafka(format!("assigning the {name} reader")))?;
+        let caught_up = Arc::new(AtomicBool::new(targets.is_empty()));
+        let flag = caught_up.clone();
+        let halt = Arc::new(AtomicBool::new(false));
+        let halted = halt.clone();
+        let reader = name.to_string();
+        let handle = std::thread::Builder::new()
+            .name(format!("{name}-reader"))
+            .spawn(move || {
+                let mut records = 0u64;
+                while !stop.load(Ordering::Relaxed) && !halted.load(Ordering::Relaxed) {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        Some(Ok(m)) => {
+                            records += 1;
+                            apply(m.topic(), m.key().unwrap_or_default(), m.payload());
+                        }
+                        Some(Err(e)) => tracing::warn!(reader = %reader, error = %e, "table reader error"),
+                        None => {}
+                    }
+                    if !flag.load(Ordering::Relaxed) && reached(&consumer, &targets) {
+                        tracing::info!(reader = %reader, records, "table caught up");
+                        flag.store(true, Ordering::Release);
+                    }
+                }
+            })
+            .map_err(|e| KafkaStageError::Other(format!("starting the {name} reader: {e}")))?;
+        Ok(TableReader {
+            caught_up,
+            halt,
+            handle: Some(handle),
+        })
+    }
+
+    /// Whether everything present at start has been read.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Waits (polling the flag) until caught up, `stop` is set, or `limit` passes.
+    pub fn wait_caught_up(&self, stop: &AtomicBool, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.caught_up() && !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        self.caught_up()
+    }
+}
+
+impl Drop for TableReader {
+    fn drop(&mut self) {
+        self.halt.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            // The thread checks `halt` at least every 100 ms.
+            let _ = h.join();
+        }
+    }
+}
+
+/// Positions (which step over transaction markers, unlike the offsets of
+/// records) have reached every start-time high watermark.
+fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
+    let Ok(positions) = consumer.position() else {
+        return false;
+    };
+    targets.iter().all(|(topic, partition, high)| {
+        matches!(
+            positions.find_partition(topic, *partition).map(|e| e.offset()),
+            Some(Offset::Offset(pos)) if pos >= *high
+        )
+    })
+}
+
+/// A record read back by [`read_all`].
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads every committed record of `topics` as of now (up to the high
+/// watermarks seen at the start), giving up after `limit`. For the demo,
+/// tests and tools that inspect outputs.
+pub fn read_all(
+    config: &Config,
+    topics: &[&str],
+    limit: Duration,
+) -> Result<Vec<ReadRecord>, KafkaStageError> {
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = reader_config(config)
+        .create()
+        .map_err(KafkaStageError::kafka("creating a reader"))?;
+    let timeout = Duration::from_secs(10);
+    let mut assignment = TopicPartitionList::new();
+    let mut targets = Vec::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
+        for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), timeout)
+                    .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
+                if high > 0 {
+                    assignment
+                        .add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .map_err(KafkaStageError::kafka("building the assignment"))?;
+                    targets.push((topic.to_string(), p.id(), high));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if targets.is_empty() {
+        return Ok(out);
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(KafkaStageError::kafka("assigning a reader"))?;
+    let deadline = std::time::Instant::now() + limit;
+    while !reached(&consumer, &targets) {
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaStageError::Other(format!(
+                "reading {topics:?} did not reach the end within {limit:?}"
+            )));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(ReadRecord {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            Some(Err(e)) => tracing::warn!(error = %e, "reader error"),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,81 @@
+//! The one configuration struct of a running switchboard, built from the
+//! command line and `SWITCHBOARD_*` environment variables (see `cli`).
+//!
+//! Defaults are written next to their fields with where they come from, so
+//! an operator reading `--help` and this file sees the same story.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::topics::Topics;
+
+/// Which stages a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Route,
+    Escalate,
+    All,
+}
+
+/// The delivery guarantee between input offsets and output records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Guarantee {
+    /// Kafka transactions: outputs and input offsets commit atomically.
+    ExactlyOnce,
+    /// Offsets are committed only after every output is acknowledged.
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bootstrap_servers: String,
+    pub matrix_path: PathBuf,
+    pub stage: Stage,
+    pub guarantee: Guarantee,
+    /// Consumer group shared by every instance of a stage; instances scale
+    /// out by joining it.
+    pub group_id: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; loopback by
+    /// default so metrics are not exposed by accident.
+    pub metrics_addr: Option<String>,
+    /// Exit 0 after this many input records are handled and committed.
+    pub max_events: Option<u64>,
+    /// librdkafka properties passed through unchanged (TLS, SASL, timeouts),
+    /// applied after switchboard's own so they win.
+    pub kafka: Vec<(String, String)>,
+    pub topics: Topics,
+    /// Partitions for topics switchboard creates.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Records above this size go to the DLQ without being parsed.
+    pub max_record_bytes: usize,
+    /// Records handled per transaction or per commit at most.
+    pub batch_size: usize,
+    /// How long a batch waits for more records once it has one.
+    pub batch_wait: Duration,
+    /// Avro schemas by id; the bundled `schemas/` when absent.
+    pub schemas_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// A configuration with every default, for tests, the demo and benches.
+    pub fn new(bootstrap_servers: impl Into<String>, matrix_path: impl Into<PathBuf>) -> Self {
+        Config {
+            bootstrap_servers: bootstrap_servers.into(),
+            matrix_path: matrix_path.into(),
+            stage: Stage::All,
+            guarantee: Guarantee::ExactlyOnce,
+            group_id: "switchboard".into(),
+            metrics_addr: None,
+            max_events: None,
+            kafka: Vec::new(),
+            topics: Topics::default(),
+            partitions: 3,
+            replication_factor: 1,
+            max_record_bytes: crate::decode::DEFAULT_MAX_RECORD_BYTES,
+            batch_size: 1000,
+            batch_wait: Duration::from_millis(2),
+            schemas_dir: None,
+        }
+    }
+}

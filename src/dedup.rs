@@ -1,0 +1,38 @@
+//! The seen-action index: how a redelivered action is recognised and never
+//! opens a second approval.
+//!
+//! Every action the route stage handles leaves a record keyed by its
+//! `action_id` in the compacted `switchboard.pending` changelog. The index is
+//! the set of those keys, rebuilt from the changelog at start (so it
+//! survives restarts) and kept current by tailing it (so it learns what other
+//! instances routed). An action is added only once the transaction or
+//! delivery that routed it is durable, so an aborted batch is routed again.
+
+use dashmap::DashSet;
+
+#[derive(Debug, Default)]
+pub struct SeenIndex {
+    ids: DashSet<String>,
+}
+
+impl SeenIndex {
+    pub fn contains(&self, action_id: &str) -> bool {
+        self.ids.contains(action_id)
+    }
+
+    pub fn insert(&self, action_id: String) {
+        self.ids.insert(action_id);
+    }
+
+    pub fn remove(&self, action_id: &str) {
+        self.ids.remove(action_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}

@@ -1,0 +1,173 @@
+//! Kafka clients: how switchboard configures librdkafka, and the topics it
+//! creates. Stages get their consumers and producers from here, so every
+//! client carries the same bootstrap servers and the operator's `--kafka`
+//! pass-through properties (TLS, SASL, timeouts).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::Config;
+use crate::matrix::Matrix;
+
+/// Errors at the Kafka edge, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaStageError {
+    #[error("{context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl KafkaStageError {
+    pub fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaStageError {
+        let context = context.into();
+        move |source| KafkaStageError::Kafka { context, source }
+    }
+}
+
+/// Properties every client shares. Pass-through properties come last so an
+/// operator can override anything switchboard sets.
+pub fn base_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers);
+    c.set("client.id", "switchboard");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A consumer that commits only what switchboard tells it to, and reads
+/// only committed records (other stages write in transactions).
+pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers);
+    c.set("client.id", "switchboard");
+    c.set("group.id", group_id);
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    c.set("auto.offset.reset", "earliest");
+    c.set("isolation.level", "read_committed");
+    c.set("enable.partition.eof", "false");
+    c.set("statistics.interval.ms", "5000");
+    c.set("fetch.wait.max.ms", "10");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A group-less reader for changelogs and directory tables: assigned every
+/// partition, reading from the beginning.
+pub fn reader_config(config: &Config) -> ClientConfig {
+    let mut c = consumer_config(config, "switchboard-reader");
+    c.set("enable.auto.commit", "false");
+    c
+}
+
+/// An idempotent producer; `transactional_id` makes it transactional.
+pub fn producer_config(config: &Config, transactional_id: Option<&str>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers);
+    c.set("client.id", "switchboard");
+    c.set("enable.idempotence", "true");
+    c.set("acks", "all");
+    c.set("linger.ms", "2");
+    c.set("batch.num.messages", "10000");
+    c.set("queue.buffering.max.messages", "200000");
+    c.set("compression.type", "lz4");
+    if let Some(id) = transactional_id {
+        c.set("transactional.id", id);
+        c.set("transaction.timeout.ms", "60000");
+    }
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Every topic the stages write or read that switchboard owns: the fixed
+/// ones of [`crate::topics::Topics`] and one per matrix lane. Directory topics
+/// belong to whoever feeds them and are not created.
+pub fn owned_topics(config: &Config, matrix: &Matrix) -> BTreeSet<String> {
+    let t = &config.topics;
+    let mut names: BTreeSet<String> = [
+        &t.actions,
+        &t.allowed,
+        &t.decisions,
+        &t.outcomes,
+        &t.pending,
+        &t.dlq,
+    ]
+    .into_iter()
+    .cloned()
+    .collect();
+    names.extend(matrix.lanes.iter().map(|l| l.topic.clone()));
+    names
+}
+
+/// Creates the topics that do not exist yet; `switchboard.pending` is
+/// compacted. Existing topics are left as they are.
+pub async fn ensure_topics(config: &Config, matrix: &Matrix) -> Result<(), KafkaStageError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(config)
+        .create()
+        .map_err(KafkaStageError::kafka("creating the admin client"))?;
+    // Only what is missing is created, so clusters without CreateTopics
+    // support (librdkafka's mock cluster) work when topics are made ahead.
+    let existing: BTreeSet<String> = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(30))
+        .map_err(KafkaStageError::kafka("listing topics"))?
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name().to_string())
+        .collect();
+    let names: Vec<String> = owned_topics(config, matrix)
+        .into_iter()
+        .filter(|t| !existing.contains(t))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            let topic = NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            );
+            if *name == config.topics.pending {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&topics, &options)
+        .await
+        .map_err(KafkaStageError::kafka("creating topics"))?;
+    for result in results {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, partitions = config.partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaStageError::Other(format!("creating topic {name}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Sink: writes a batch's output records and commits its input offsets,
+//! under the configured delivery guarantee.
+//!
+//! * Exactly once: one Kafka transaction per batch holds every output and
+//!   the consumer offsets (`send_offsets_to_transaction`), so a reader with
+//!   `isolation.level=read_committed` sees a batch wholly or not at all.
+//! * At least once: every output must be acknowledged (failed ones are sent
+//!   again, with backoff, until they are) before the offsets are committed.
+//!
+//! A batch the sink could not make durable is reported as
+//! [`SinkError::Retry`]; the stage rewinds its consumer and handles the batch
+//! again. Only errors that no retry can fix are [`SinkError::Fatal`].
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::topic_partition_list::TopicPartitionList;
+
+use crate::config::{Config, Guarantee};
+use crate::kafka::producer_config;
+
+/// One record to write. `payload: None` is a tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The batch is not durable; handle it again.
+    #[error("batch not written, will retry: {0}")]
+    Retry(String),
+    /// The producer cannot go on (fenced by a newer instance, or a fatal
+    /// librdkafka error); the stage must stop.
+    #[error("producer failed: {0}")]
+    Fatal(String),
+    /// At least once: every output is acknowledged but the offsets were not
+    /// committed; the records will come back and must be recognised as seen.
+    #[error("outputs written but offsets not committed: {0}")]
+    CommitFailed(String),
+    /// Shutdown was requested while outputs were still unacknowledged.
+    #[error("shut down before the batch was acknowledged")]
+    Interrupted,
+}
+
+/// Collects failed deliveries by their index in the batch.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    failed: Mutex<Vec<(usize, KafkaError)>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        if let Err((error, _)) = result
+            && let Ok(mut failed) = self.failed.lock()
+        {
+            failed.push((index, error.clone()));
+        }
+    }
+}
+
+pub struct Sink {
+    producer: BaseProducer<DeliveryTracker>,
+    guarantee: Guarantee,
+    timeout: Duration,
+}
+
+impl Sink {
+    /// Creates the producer; in exactly-once mode `transactional_id` must be
+    /// unique per instance and stable across its restarts, so a restarted
+    /// instance fences its zombie.
+    pub fn new(config: &Config, transactional_id: &str) -> Result<Sink, KafkaError> {
+        let id = (config.guarantee == Guarantee::ExactlyOnce).then_some(transactional_id);
+        let producer: BaseProducer<DeliveryTracker> =
+            producer_config(config, id).create_with_context(DeliveryTracker::default())?;
+        let sink = Sink {
+            producer,
+            guarantee: config.guarantee,
+            timeout: Duration::from_secs(30),
+        };
+        if sink.guarantee == Guarantee::ExactlyOnce {
+            sink.producer.init_transactions(sink.timeout)?;
+        }
+        Ok(sink)
+    }
+
+    /// Writes `outputs` and commits `offsets` for `consumer`'s group.
+    pub fn write<C: ConsumerContext>(
+        &self,
+        outputs: &[Output],
+        offsets: &TopicPartitionList,
+        consumer: &BaseConsumer<C>,
+        stop: &AtomicBool,
+    ) -> Result<(), SinkError> {
+        match self.guarantee {
+            Guarantee::ExactlyOnce => self.write_transaction(outputs, offsets, consumer),
+            Guarantee::AtLeastOnce => {
+                self.write_acknowledged(outputs, stop)?;
+                consumer
+                    .commit(offsets, CommitMode::Sync)
+                    .map_err(|e| SinkError::CommitFailed(e.to_string()))
+            }
+        }
+    }
+
+    fn write_transaction<C: ConsumerContext>(
+        &self,
+        outputs: &[Output],
+        offsets: &TopicPartitionList,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), SinkError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.txn_error("beginning", e))?;
+        let result = (|| {
+            for (index, output) in outputs.iter().enumerate() {
+                self.send(output, index)
+                    .map_err(|e| self.txn_error("producing", e))?;
+            }
+            let group = consumer
+                .group_metadata()
+                .ok_or_else(|| SinkError::Retry("consumer has no group metadata yet".into()))?;
+            self.producer
+                .send_offsets_to_transaction(offsets, &group, self.timeout)
+                .map_err(|e| self.txn_error("adding offsets to", e))?;
+            self.producer
+                .commit_transaction(self.timeout)
+                .map_err(|e| self.txn_error("committing", e))
+        })();
+        if let Err(SinkError::Retry(reason)) = &result {
+            tracing::warn!(%reason, "aborting transaction");
+            if let Err(e) = self.producer.abort_transaction(self.timeout) {
+                return Err(self.txn_error("aborting", e));
+            }
+        }
+        self.take_failures();
+        result
+    }
+
+    fn txn_error(&self, doing: &str, error: KafkaError) -> SinkError {
+        let fatal = match &error {
+            KafkaError::Transaction(e) => e.is_fatal(),
+            _ => false,
+        };
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
+        );
+        if fatal || fenced {
+            SinkError::Fatal(format!("{doing} the transaction: {error}"))
+        } else {
+            SinkError::Retry(format!("{doing} the transaction: {error}"))
+        }
+    }
+
+    /// Sends every output and waits until each one is acknowledged, sending
+    /// failed ones again with backoff. Never gives up while the broker is
+    /// away: offsets must not move past unwritten outputs.
+    fn write_acknowledged(&self, outputs: &[Output], stop: &AtomicBool) -> Result<(), SinkError> {
+        let mut pending: Vec<usize> = (0..outputs.len()).collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            for &index in &pending {
+                if let Err(e) = self.send(&outputs[index], index) {
+                    tracing::warn!(error = %e, "produce failed; will retry");
+                    self.take_failures();
+                    std::thread::sleep(backoff);
+                    return self.write_acknowledged(outputs, stop);
+                }
+            }
+            let flushed = self.producer.flush(self.timeout);
+            let failed = self.take_failures();
+            if flushed.is_ok() && failed.is_empty() {
+                return Ok(());
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Err(SinkError::Interrupted);
+            }
+            tracing::warn!(failed = failed.len(), flush = ?flushed.as_ref().err(), ?backoff, "outputs not acknowledged; sending them again");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // After a flush timeout the unacknowledged ones may still arrive;
+            // resending them all is the at-least-once contract.
+            pending = if flushed.is_ok() {
+                failed.into_iter().map(|(i, _)| i).collect()
+            } else {
+                (0..outputs.len()).collect()
+            };
+        }
+    }
+
+    /// Enqueues one record, waiting for room when the local queue is full.
+    fn send(&self, output: &Output, index: usize) -> Result<(), KafkaError> {
+        let headers = (!output.headers.is_empty()).then(|| {
+            output.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                })
+            })
+        });
+        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&output.topic, index);
+        if let Some(key) = &output.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &output.payload {
+            record = record.payload(payload.as_slice());
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        let started = Instant::now();
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < self.timeout =>
+                {
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn take_failures(&self) -> Vec<(usize, KafkaError)> {
+        self.producer.poll(Duration::ZERO);
+        match self.producer.context().failed.lock() {
+            Ok(mut failed) => std::mem::take(&mut *failed),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Stages: the Kafka loops that wire the pure core to topics.
+//!
+//! [`route`] reads `agent.actions` and writes packets, allowed records, dead
+//! letters and pending state. Each stage runs on its own thread with
+//! librdkafka's blocking clients (a transaction is a sequence of blocking
+//! calls anyway); the async side (HTTP, signals, the matrix watcher) lives in
+//! [`run`].
+
+pub mod route;
+mod run;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+
+pub use run::{RunError, run};
+
+use crate::metrics::Metrics;
+
+/// A consumer context that exports lag and logs rebalances. `assigned`
+/// feeds readiness: an instance with no partitions is still serving its
+/// group, but one that never got an assignment is not ready.
+pub struct StageContext {
+    pub metrics: Metrics,
+    pub assigned: AtomicBool,
+}
+
+impl StageContext {
+    pub fn new(metrics: Metrics) -> Self {
+        StageContext {
+            metrics,
+            assigned: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ClientContext for StageContext {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    self.metrics.set_consumer_lag(name, *id, partition.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for StageContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.assigned.store(true, Ordering::Release);
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// A name for this process among the group's instances: the host (a pod
+/// name on Kubernetes) and the pid, so instances on one machine differ.
+pub fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("{host}-{}", std::process::id())
+}

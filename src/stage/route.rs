@@ -1,0 +1,514 @@
+//! The route stage: `agent.actions` → lane topics, `actions.allowed`,
+//! `switchboard.dlq`, and the pending changelog.
+//!
+//! Per batch: poll records, take the live matrix once, decode → enrich →
+//! route → build packets for every record (partitions in parallel, each
+//! partition in order), drop actions already seen, then hand every output and
+//! the next offsets to the [`Sink`] as one unit. Only once the sink reports
+//! the batch durable are its actions marked seen and its metrics counted; a
+//! batch that was not made durable is rewound and handled again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::StageContext;
+use crate::changelog::TableReader;
+use crate::config::Config;
+use crate::decode::Decoder;
+use crate::dedup::SeenIndex;
+use crate::dlq::{self, Failed};
+use crate::enrich::{Directory, enrich};
+use crate::http::Health;
+use crate::kafka::{KafkaStageError, consumer_config};
+use crate::matrix::Matrix;
+use crate::metrics::Metrics;
+use crate::packet::{self, PacketInput};
+use crate::pending::{LaneState, PendingRecord, Status};
+use crate::reload::MatrixHandle;
+use crate::route::route;
+use crate::sink::{Output, Sink, SinkError};
+
+/// Everything the route stage shares with the rest of the process.
+pub struct RouteStage {
+    pub config: Arc<Config>,
+    pub matrix: Arc<MatrixHandle>,
+    pub decoder: Decoder,
+    pub directory: Arc<Directory>,
+    pub seen: Arc<SeenIndex>,
+    pub metrics: Metrics,
+    pub health: Health,
+}
+
+/// One input record, copied out of librdkafka so workers can share it.
+#[derive(Debug, Clone)]
+pub struct InputRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// What handling one record produced.
+#[derive(Debug)]
+pub enum Handled {
+    Routed(Routed),
+    Dead { output: Output, reason: &'static str },
+}
+
+#[derive(Debug)]
+pub struct Routed {
+    pub action_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub outputs: Vec<Output>,
+    /// (lane, rule) pairs that fired; empty when allowed.
+    pub fired: Vec<(String, String)>,
+}
+
+/// What a run did, for `--max-events` callers and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSummary {
+    pub handled: u64,
+    pub routed: u64,
+    pub allowed: u64,
+    pub dead: u64,
+    pub duplicates: u64,
+}
+
+impl RouteStage {
+    /// Runs until `stop` is set or `--max-events` records are committed.
+    pub fn run(&self, stop: Arc<AtomicBool>) -> Result<RouteSummary, KafkaStageError> {
+        let config = &self.config;
+        let (_seen_reader, _directory_reader) = self.start_readers(stop.clone())?;
+
+        let consumer: BaseConsumer<StageContext> = consumer_config(config, &config.group_id)
+            .create_with_context(StageContext::new(self.metrics.clone()))
+            .map_err(KafkaStageError::kafka("creating the route consumer"))?;
+        consumer
+            .subscribe(&[config.topics.actions.as_str()])
+            .map_err(KafkaStageError::kafka("subscribing to the actions topic"))?;
+        let sink = Sink::new(
+            config,
+            &format!("{}-route-{}", config.group_id, super::instance_id()),
+        )
+        .map_err(KafkaStageError::kafka("creating the route producer"))?;
+        self.health.set_ready(true, "");
+        tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
+
+        let mut summary = RouteSummary::default();
+        let mut backoff = Duration::from_millis(50);
+        while !stop.load(Ordering::Relaxed) {
+            let limit = match config.max_events {
+                Some(max) if summary.handled >= max => break,
+                Some(max) => (max - summary.handled).min(config.batch_size as u64) as usize,
+                None => config.batch_size,
+            };
+            let batch = poll_batch(&consumer, limit, config.batch_wait, &self.metrics);
+            if batch.is_empty() {
+                continue;
+            }
+            let matrix = self.matrix.current();
+            let started = Instant::now();
+            let handled = self.handle_batch(&batch, &matrix, Utc::now());
+            let (outputs, fresh, counts) = self.assemble(handled);
+            let offsets = next_offsets(&batch);
+            match sink.write(&outputs, &offsets, &consumer, &stop) {
+                Ok(()) => {
+                    self.committed(&batch, &fresh, &counts);
+                    summary.handled += batch.len() as u64;
+                    summary.routed += counts.routed;
+                    summary.allowed += counts.allowed;
+                    summary.dead += counts.dead;
+                    summary.duplicates += counts.duplicates;
+                    backoff = Duration::from_millis(50);
+                    tracing::debug!(records = batch.len(), elapsed = ?started.elapsed(), "batch committed");
+                }
+                Err(SinkError::Retry(reason)) => {
+                    self.metrics
+                        .transactions_total
+                        .with_label_values(&["abort"])
+                        .inc();
+                    self.health.set_ready(false, &reason);
+                    tracing::warn!(%reason, records = batch.len(), "batch not durable; handling it again");
+                    rewind(&consumer, &batch);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    self.health.set_ready(true, "");
+                }
+                Err(SinkError::CommitFailed(reason)) => {
+                    // The outputs are durable: mark the actions seen so the
+                    // records, when they come back, are dropped as duplicates.
+                    self.committed(&batch, &fresh, &counts);
+                    tracing::warn!(%reason, "offsets not committed; the batch will be read again as duplicates");
+                    rewind(&consumer, &batch);
+                }
+                Err(SinkError::Interrupted) => break,
+                Err(SinkError::Fatal(reason)) => {
+                    self.health.set_ready(false, &reason);
+                    return Err(KafkaStageError::Other(reason));
+                }
+            }
+        }
+        self.health.set_ready(false, "shutting down");
+        consumer.unsubscribe();
+        tracing::info!(?summary, "route stage stopped");
+        Ok(summary)
+    }
+
+    /// Starts the readers of the pending changelog (seen actions) and the
+    /// directory topics, and waits until both have caught up: routing before
+    /// would let a redelivered action through.
+    fn start_readers(&self, stop: Arc<AtomicBool>) -> Result<(TableReader, TableReader), KafkaStageError> {
+        let seen = self.seen.clone();
+        let seen_reader = TableReader::spawn(
+            &self.config,
+            "pending",
+            vec![self.config.topics.pending.clone()],
+            Box::new(move |_, key, value| match (std::str::from_utf8(key), value) {
+                (Ok(id), Some(_)) => seen.insert(id.to_string()),
+                (Ok(id), None) => seen.remove(id),
+                _ => {}
+            }),
+            stop.clone(),
+        )?;
+        let matrix = self.matrix.current();
+        let tables: BTreeMap<String, String> = matrix
+            .directory
+            .iter()
+            .map(|t| (t.topic.clone(), t.name.clone()))
+            .collect();
+        let directory = self.directory.clone();
+        let directory_reader = TableReader::spawn(
+            &self.config,
+            "directory",
+            tables.keys().cloned().collect(),
+            Box::new(move |topic, key, value| {
+                if let Some(table) = tables.get(topic)
+                    && !directory.apply(table, key, value)
+                {
+                    tracing::warn!(%topic, "directory record is not a JSON object; ignored");
+                }
+            }),
+            stop.clone(),
+        )?;
+        self.health
+            .set_ready(false, "loading the pending changelog and directory");
+        while !stop.load(Ordering::Relaxed) {
+            if seen_reader.wait_caught_up(&stop, Duration::from_secs(1))
+                && directory_reader.wait_caught_up(&stop, Duration::from_secs(1))
+            {
+                break;
+            }
+        }
+        tracing::info!(
+            seen = self.seen.len(),
+            directory = self.directory.len(),
+            "state restored"
+        );
+        Ok((seen_reader, directory_reader))
+    }
+
+    /// Handles a batch: partitions in parallel when the batch is large,
+    /// records of one partition in order. Results keep the batch's order
+    /// within each partition.
+    pub fn handle_batch(&self, batch: &[InputRecord], matrix: &Matrix, now: DateTime<Utc>) -> Vec<Handled> {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        let partitions: HashSet<(&str, i32)> =
+            batch.iter().map(|r| (r.topic.as_str(), r.partition)).collect();
+        if workers < 2 || partitions.len() < 2 || batch.len() < 256 {
+            return batch.iter().map(|r| self.handle(r, matrix, now)).collect();
+        }
+        let mut groups: Vec<Vec<&InputRecord>> = vec![Vec::new(); workers];
+        for r in batch {
+            let slot = (r.partition.unsigned_abs() as usize) % workers;
+            groups[slot].push(r);
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .iter()
+                .map(|group| {
+                    scope.spawn(move || {
+                        group
+                            .iter()
+                            .map(|r| self.handle(r, matrix, now))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| match h.join() {
+                    Ok(results) => results,
+                    // handle() does not panic on input; if it ever did, the
+                    // panic is re-raised rather than dropping records.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect()
+        })
+    }
+
+    /// Handles one record: never fails, every record becomes outputs or a
+    /// dead letter.
+    pub fn handle(&self, record: &InputRecord, matrix: &Matrix, now: DateTime<Utc>) -> Handled {
+        let started = Instant::now();
+        let failed = Failed {
+            topic: &record.topic,
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.as_deref(),
+            payload: record.payload.as_deref(),
+            headers: &record.headers,
+        };
+        let dead = |reason: &'static str, error: &str| Handled::Dead {
+            output: dlq::dead_letter(&self.config.topics.dlq, failed, reason, error, now),
+            reason,
+        };
+        let Some(payload) = record.payload.as_deref() else {
+            return dead("empty", "record has no value");
+        };
+        let action = match self.decoder.decode(payload) {
+            Ok(a) => a,
+            Err(e) => return dead(e.reason(), &e.to_string()),
+        };
+        let enrichment = enrich(matrix, &action, &self.directory);
+        let routing = route(matrix, &action, &enrichment);
+        let input = PacketInput {
+            matrix,
+            action: &action,
+            enrichment: &enrichment,
+            routing: &routing,
+            decisions_topic: &self.config.topics.decisions,
+            routed_at: now,
+        };
+        let key = action.action_id.as_bytes().to_vec();
+        let mut outputs = Vec::with_capacity(routing.lanes.len() + 1);
+        let mut fired = Vec::new();
+        let mut packets = Vec::with_capacity(routing.lanes.len());
+        let mut lanes = Vec::with_capacity(routing.lanes.len());
+        for hit in &routing.lanes {
+            let lane = &matrix.lanes[hit.lane];
+            let packet = packet::for_lane(&input, hit);
+            match serde_json::to_vec(&packet) {
+                Ok(bytes) => outputs.push(Output {
+                    topic: lane.topic.clone(),
+                    key: Some(key.clone()),
+                    payload: Some(bytes),
+                    headers: Vec::new(),
+                }),
+                Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
+            }
+            fired.extend(
+                hit.rules
+                    .iter()
+                    .map(|r| (lane.name.clone(), matrix.rules[*r].name.clone())),
+            );
+            lanes.push(LaneState {
+                lane: lane.name.clone(),
+                level: 0,
+                sla_due: packet::sla_due(&action, lane.sla),
+                verdict: None,
+            });
+            packets.push(packet);
+        }
+        let status = if routing.review() {
+            Status::Open
+        } else {
+            let packet = packet::allowed(&input);
+            match serde_json::to_vec(&packet) {
+                Ok(bytes) => outputs.push(Output {
+                    topic: self.config.topics.allowed.clone(),
+                    key: Some(key.clone()),
+                    payload: Some(bytes),
+                    headers: Vec::new(),
+                }),
+                Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
+            }
+            packets.push(packet);
+            Status::Allowed
+        };
+        let pending = PendingRecord {
+            action_id: action.action_id.clone(),
+            status,
+            matrix_version: matrix.version.clone(),
+            occurred_at: action.occurred_at,
+            routed_at: now,
+            lanes,
+            packets,
+        };
+        match serde_json::to_vec(&pending) {
+            Ok(bytes) => outputs.push(Output {
+                topic: self.config.topics.pending.clone(),
+                key: Some(key),
+                payload: Some(bytes),
+                headers: Vec::new(),
+            }),
+            Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
+        }
+        self.metrics
+            .route_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Handled::Routed(Routed {
+            action_id: action.action_id.clone(),
+            occurred_at: action.occurred_at,
+            outputs,
+            fired,
+        })
+    }
+
+    /// Drops actions already seen (earlier, or earlier in this batch) and
+    /// flattens the rest into the batch's outputs.
+    fn assemble(&self, handled: Vec<Handled>) -> (Vec<Output>, Vec<Routed>, Counts) {
+        let mut outputs = Vec::with_capacity(handled.len() * 3);
+        let mut fresh: Vec<Routed> = Vec::with_capacity(handled.len());
+        let mut in_batch: HashSet<String> = HashSet::new();
+        let mut counts = Counts::default();
+        for h in handled {
+            match h {
+                Handled::Dead { output, reason } => {
+                    outputs.push(output);
+                    counts.dead += 1;
+                    *counts.dead_by_reason.entry(reason).or_default() += 1;
+                }
+                Handled::Routed(mut r) => {
+                    if self.seen.contains(&r.action_id) || !in_batch.insert(r.action_id.clone()) {
+                        counts.duplicates += 1;
+                        continue;
+                    }
+                    if r.fired.is_empty() {
+                        counts.allowed += 1;
+                    } else {
+                        counts.routed += 1;
+                    }
+                    outputs.append(&mut r.outputs);
+                    fresh.push(r);
+                }
+            }
+        }
+        (outputs, fresh, counts)
+    }
+
+    /// Bookkeeping once a batch is durable: its actions are seen, and its
+    /// metrics count.
+    fn committed(&self, batch: &[InputRecord], fresh: &[Routed], counts: &Counts) {
+        let m = &self.metrics;
+        m.transactions_total.with_label_values(&["commit"]).inc();
+        m.events_consumed_total
+            .with_label_values(&[self.config.topics.actions.as_str()])
+            .inc_by(batch.len() as u64);
+        m.events_allowed_total.inc_by(counts.allowed);
+        m.duplicates_total.inc_by(counts.duplicates);
+        for (reason, n) in &counts.dead_by_reason {
+            m.dead_letters_total.with_label_values(&[reason]).inc_by(*n);
+        }
+        let now = Utc::now();
+        for r in fresh {
+            self.seen.insert(r.action_id.clone());
+            for (lane, rule) in &r.fired {
+                m.events_routed_total
+                    .with_label_values(&[lane.as_str(), rule.as_str()])
+                    .inc();
+            }
+            let latency = (now - r.occurred_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+            m.end_to_end_latency_seconds.observe(latency);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    routed: u64,
+    allowed: u64,
+    dead: u64,
+    duplicates: u64,
+    dead_by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// Polls up to `limit` records: waits up to 100 ms for the first, then up to
+/// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
+/// fills batches.
+fn poll_batch(
+    consumer: &BaseConsumer<StageContext>,
+    limit: usize,
+    wait: Duration,
+    metrics: &Metrics,
+) -> Vec<InputRecord> {
+    let mut batch = Vec::new();
+    let deadline = Instant::now() + wait;
+    while batch.len() < limit {
+        let timeout = if batch.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(m)) => batch.push(InputRecord {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            Some(Err(e)) => {
+                metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            None => {
+                if batch.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+    batch
+}
+
+/// The offsets to commit after a batch: one past the last record of each
+/// partition.
+fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = last.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in last {
+        // Adding to a fresh list cannot fail for a valid partition number.
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
+    }
+    tpl
+}
+
+/// Moves the consumer back to the first record of each partition in the
+/// batch, so a batch that was not made durable is read again.
+fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[InputRecord]) {
+    let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = first.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        *e = (*e).min(r.offset);
+    }
+    for ((topic, partition), offset) in first {
+        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            // The partition may have moved to another instance in a
+            // rebalance; its new owner starts from the committed offset.
+            tracing::info!(%topic, partition, error = %e, "could not rewind partition");
+        }
+    }
+}

@@ -3,7 +3,12 @@
 //! Every later stage (enrichment, routing, packets, timers) works on this one
 //! validated type, so none of them re-checks the wire format. Money and
 //! confidence are `Decimal`s: the policy compares them exactly, never as floats.
+//!
+//! Text borrows from the record it was decoded from wherever JSON allows
+//! (no escapes), because copying twenty strings per event would be a large
+//! share of routing's cost; [`AgentAction::into_owned`] detaches one.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -14,51 +19,51 @@ use serde::{Deserialize, Serialize};
 /// A validated action. Optional fields are `None` when the agent did not send
 /// them; rules treat an absent field as "does not match", never as a default.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AgentAction {
-    pub action_id: String,
+pub struct AgentAction<'a> {
+    pub action_id: Cow<'a, str>,
     pub occurred_at: DateTime<Utc>,
-    pub agent_id: String,
+    pub agent_id: Cow<'a, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<String>,
+    pub fleet: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
+    pub tenant: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub run_id: Option<String>,
-    pub kind: String,
-    pub summary: String,
+    pub run_id: Option<Cow<'a, str>>,
+    pub kind: Cow<'a, str>,
+    pub summary: Cow<'a, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub target: Target,
-    pub signals: Signals,
+    pub reason: Option<Cow<'a, str>>,
+    pub target: Target<'a>,
+    pub signals: Signals<'a>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<String>,
+    pub payload: Option<Cow<'a, str>>,
 }
 
 /// What the action touches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Target {
+pub struct Target<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system: Option<String>,
+    pub system: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource: Option<String>,
+    pub resource: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account_id: Option<String>,
+    pub account_id: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<Environment>,
 }
 
 /// The facts rules decide on and the context approvers read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Signals {
+pub struct Signals<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_classification: Option<DataClassification>,
     /// Money in major units of `currency`, exact.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amount: Option<Decimal>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub currency: Option<String>,
+    pub currency: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipient_count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -66,31 +71,100 @@ pub struct Signals {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reversible: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rollback_path: Option<String>,
+    pub rollback_path: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub blast_radius: Option<String>,
+    pub blast_radius: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+    pub scope: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination: Option<String>,
+    pub destination: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub retention: Option<String>,
+    pub retention: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub incident_id: Option<String>,
+    pub incident_id: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub impact: Option<String>,
+    pub impact: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub alternatives: Option<String>,
+    pub alternatives: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub promises: Option<String>,
+    pub promises: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub permissions: Vec<String>,
+    pub permissions: Vec<Cow<'a, str>>,
     /// The action's own deadline: it can only make an SLA earlier.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
     /// The model's own confidence, 0..=1, exact so that 0.5 is exactly 0.5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence: Option<Decimal>,
+}
+
+fn own(v: Cow<'_, str>) -> Cow<'static, str> {
+    Cow::Owned(v.into_owned())
+}
+
+fn own_opt(v: Option<Cow<'_, str>>) -> Option<Cow<'static, str>> {
+    v.map(own)
+}
+
+impl AgentAction<'_> {
+    /// The same action, owning all its text.
+    pub fn into_owned(self) -> AgentAction<'static> {
+        AgentAction {
+            action_id: own(self.action_id),
+            occurred_at: self.occurred_at,
+            agent_id: own(self.agent_id),
+            fleet: own_opt(self.fleet),
+            tenant: own_opt(self.tenant),
+            run_id: own_opt(self.run_id),
+            kind: own(self.kind),
+            summary: own(self.summary),
+            reason: own_opt(self.reason),
+            target: self.target.into_owned(),
+            signals: self.signals.into_owned(),
+            attributes: self
+                .attributes
+                .into_iter()
+                .map(|(k, v)| (own(k), own(v)))
+                .collect(),
+            payload: own_opt(self.payload),
+        }
+    }
+}
+
+impl Target<'_> {
+    pub fn into_owned(self) -> Target<'static> {
+        Target {
+            system: own_opt(self.system),
+            resource: own_opt(self.resource),
+            account_id: own_opt(self.account_id),
+            environment: self.environment,
+        }
+    }
+}
+
+impl Signals<'_> {
+    pub fn into_owned(self) -> Signals<'static> {
+        Signals {
+            data_classification: self.data_classification,
+            amount: self.amount,
+            currency: own_opt(self.currency),
+            recipient_count: self.recipient_count,
+            audience: self.audience,
+            reversible: self.reversible,
+            rollback_path: own_opt(self.rollback_path),
+            blast_radius: own_opt(self.blast_radius),
+            scope: own_opt(self.scope),
+            destination: own_opt(self.destination),
+            retention: own_opt(self.retention),
+            incident_id: own_opt(self.incident_id),
+            impact: own_opt(self.impact),
+            alternatives: own_opt(self.alternatives),
+            promises: own_opt(self.promises),
+            permissions: self.permissions.into_iter().map(own).collect(),
+            deadline: self.deadline,
+            confidence: self.confidence,
+        }
+    }
 }
 
 /// Declares a closed string vocabulary once: the enum, its wire names, and

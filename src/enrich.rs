@@ -7,6 +7,7 @@
 //! and used to resolve escalation assignees such as the account's lead.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use dashmap::DashMap;
 
@@ -16,15 +17,16 @@ use crate::matrix::Matrix;
 /// One record of a directory table: field name → value.
 pub type Record = BTreeMap<String, String>;
 
-/// What enrichment added to one action: table name → the matching record.
-pub type Enrichment = BTreeMap<String, Record>;
+/// What enrichment added to one action: table name → the matching record,
+/// shared with the directory rather than copied for every action.
+pub type Enrichment = BTreeMap<String, Arc<Record>>;
 
 /// The current contents of every directory table: table → key → record.
 /// Shared between the table readers that keep it current and the workers
 /// that read it, without a global lock.
 #[derive(Debug, Default)]
 pub struct Directory {
-    tables: DashMap<String, DashMap<String, Record>>,
+    tables: DashMap<String, DashMap<String, Arc<Record>>>,
 }
 
 impl Directory {
@@ -33,7 +35,7 @@ impl Directory {
         self.tables
             .entry(table.to_string())
             .or_default()
-            .insert(key.to_string(), record);
+            .insert(key.to_string(), Arc::new(record));
     }
 
     /// Removes a record (a tombstone on the compacted topic).
@@ -43,8 +45,8 @@ impl Directory {
         }
     }
 
-    /// A copy of one record.
-    pub fn get(&self, table: &str, key: &str) -> Option<Record> {
+    /// One record, shared.
+    pub fn get(&self, table: &str, key: &str) -> Option<Arc<Record>> {
         Some(self.tables.get(table)?.get(key)?.clone())
     }
 

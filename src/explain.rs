@@ -7,11 +7,11 @@
 use std::fmt::Write as _;
 
 use chrono::SecondsFormat;
-use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::action::AgentAction;
 use crate::enrich::Enrichment;
 use crate::matrix::Matrix;
+use crate::ordered::Ordered;
 use crate::packet;
 use crate::route::route;
 
@@ -22,24 +22,9 @@ pub struct Explanation {
     pub review: bool,
     pub lanes: Vec<String>,
     pub rules: Vec<String>,
-    pub missing_context: Ordered<Vec<String>>,
-    pub sla_due: Ordered<String>,
+    pub missing_context: Ordered<String, Vec<String>>,
+    pub sla_due: Ordered<String, String>,
     pub matrix_version: String,
-}
-
-/// A map serialized in insertion order (JSON objects are unordered, but
-/// people read them top to bottom).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Ordered<T>(pub Vec<(String, T)>);
-
-impl<T: Serialize> Serialize for Ordered<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
 }
 
 pub fn explain(matrix: &Matrix, action: &AgentAction, enrichment: &Enrichment) -> Explanation {
@@ -56,7 +41,7 @@ pub fn explain(matrix: &Matrix, action: &AgentAction, enrichment: &Enrichment) -
         due.push((lane.name.clone(), at.to_rfc3339_opts(SecondsFormat::Secs, true)));
     }
     Explanation {
-        action_id: action.action_id.clone(),
+        action_id: action.action_id.to_string(),
         review: routing.review(),
         lanes: routing.lane_names(matrix).into_iter().map(String::from).collect(),
         rules: routing.rule_names(matrix).into_iter().map(String::from).collect(),

@@ -13,6 +13,7 @@
 //! * [`route`]: action + matrix → the lanes that must review it.
 //! * [`packet`]: the ApprovalRequest each lane receives.
 //! * [`explain`]: the offline report behind `switchboard explain`.
+//! * [`ordered`]: insertion-ordered maps for packets and reports.
 //! * [`topics`]: the one place that names topics.
 //! * [`config`]: the one configuration struct of a running process.
 //! * [`kafka`]: client settings and topic creation.
@@ -45,6 +46,7 @@ pub mod http;
 pub mod kafka;
 pub mod matrix;
 pub mod metrics;
+pub mod ordered;
 pub mod packet;
 pub mod pending;
 pub mod reload;

@@ -5,8 +5,6 @@
 //! never has to reconstruct the agent's run. Building one is pure: the route
 //! stage supplies the clock reading as `routed_at`.
 
-use std::collections::BTreeMap;
-
 use std::borrow::Cow;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
@@ -15,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::action::{AgentAction, Target};
 use crate::enrich::Enrichment;
 use crate::matrix::{ContextSource, Lane, Matrix, Val};
+use crate::ordered::Ordered;
 use crate::route::{LaneHit, Routing};
 
 /// The verdicts a Decision may carry.
@@ -57,7 +56,8 @@ pub struct ApprovalRequest<'a> {
     pub assignee: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla_due: Option<DateTime<Utc>>,
-    pub context: BTreeMap<Cow<'a, str>, ContextValue<'a>>,
+    /// The lane's context fields in the matrix's order.
+    pub context: Context<'a>,
     pub missing_context: Vec<Cow<'a, str>>,
     pub summary: Cow<'a, str>,
     pub kind: Cow<'a, str>,
@@ -66,7 +66,7 @@ pub struct ApprovalRequest<'a> {
     pub fleet: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Cow<'a, str>>,
-    pub target: Cow<'a, Target>,
+    pub target: Cow<'a, Target<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +78,9 @@ pub struct ApprovalRequest<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decide: Option<Decide<'a>>,
 }
+
+/// Context field name → value, in the matrix's order.
+pub type Context<'a> = Ordered<Cow<'a, str>, ContextValue<'a>>;
 
 /// A packet read back from a topic.
 pub type OwnedApprovalRequest = ApprovalRequest<'static>;
@@ -112,7 +115,7 @@ impl<'a> ContextValue<'a> {
             Val::Decimal(d) => ContextValue::Text(Cow::Owned(d.to_string())),
             Val::Count(n) => ContextValue::Count(n),
             Val::Bool(b) => ContextValue::Bool(b),
-            Val::List(items) => ContextValue::List(items.iter().map(|i| Cow::Borrowed(i.as_str())).collect()),
+            Val::List(items) => ContextValue::List(items.iter().map(|i| Cow::Borrowed(i.as_ref())).collect()),
             Val::Time(t) => ContextValue::Text(Cow::Owned(t.to_rfc3339_opts(SecondsFormat::Secs, true))),
         })
     }
@@ -121,7 +124,7 @@ impl<'a> ContextValue<'a> {
 /// Everything a packet is built from besides the lane.
 pub struct PacketInput<'a> {
     pub matrix: &'a Matrix,
-    pub action: &'a AgentAction,
+    pub action: &'a AgentAction<'a>,
     pub enrichment: &'a Enrichment,
     pub routing: &'a Routing,
     pub decisions_topic: &'a str,
@@ -145,10 +148,10 @@ pub fn sla_due(action: &AgentAction, sla: std::time::Duration) -> DateTime<Utc> 
 /// ones that are not.
 pub fn context<'a>(
     lane: &'a Lane,
-    action: &'a AgentAction,
+    action: &'a AgentAction<'a>,
     enrichment: &'a Enrichment,
-) -> (BTreeMap<Cow<'a, str>, ContextValue<'a>>, Vec<Cow<'a, str>>) {
-    let mut present = BTreeMap::new();
+) -> (Context<'a>, Vec<Cow<'a, str>>) {
+    let mut present = Vec::with_capacity(lane.context.len() + lane.optional_context.len());
     let mut missing = Vec::new();
     let resolve = |source: &'a ContextSource| -> Option<ContextValue<'a>> {
         match source {
@@ -162,18 +165,16 @@ pub fn context<'a>(
     };
     for item in &lane.context {
         match resolve(&item.source) {
-            Some(v) => {
-                present.insert(Cow::Borrowed(item.name.as_str()), v);
-            }
+            Some(v) => present.push((Cow::Borrowed(item.name.as_str()), v)),
             None => missing.push(Cow::Borrowed(item.name.as_str())),
         }
     }
     for item in &lane.optional_context {
         if let Some(v) = resolve(&item.source) {
-            present.insert(Cow::Borrowed(item.name.as_str()), v);
+            present.push((Cow::Borrowed(item.name.as_str()), v));
         }
     }
-    (present, missing)
+    (Ordered(present), missing)
 }
 
 /// The level-0 packet for one lane the action reached.
@@ -204,16 +205,16 @@ pub fn for_lane<'a>(input: &PacketInput<'a>, hit: &LaneHit) -> ApprovalRequest<'
 
 /// The packet for an action no lane must review (`actions.allowed`).
 pub fn allowed<'a>(input: &PacketInput<'a>) -> ApprovalRequest<'a> {
-    base(input, BTreeMap::new(), Vec::new())
+    base(input, Context::default(), Vec::new())
 }
 
 fn base<'a>(
     input: &PacketInput<'a>,
-    context: BTreeMap<Cow<'a, str>, ContextValue<'a>>,
+    context: Context<'a>,
     missing_context: Vec<Cow<'a, str>>,
 ) -> ApprovalRequest<'a> {
     let a = input.action;
-    let borrowed = |v: &'a Option<String>| v.as_deref().map(Cow::Borrowed);
+    let borrowed = |v: &'a Option<Cow<'a, str>>| v.as_deref().map(Cow::Borrowed);
     ApprovalRequest {
         action_id: Cow::Borrowed(&a.action_id),
         review: false,

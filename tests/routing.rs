@@ -34,7 +34,7 @@ fn time(text: &str) -> DateTime<Utc> {
 
 /// Decodes an event (through the real decoder), filling in the required
 /// fields a test does not care about.
-fn action(fields: Value) -> AgentAction {
+fn action(fields: Value) -> AgentAction<'static> {
     let mut event = json!({
         "action_id": "a-1",
         "occurred_at": "2026-01-01T00:00:00Z",
@@ -47,6 +47,7 @@ fn action(fields: Value) -> AgentAction {
     }
     Decoder::bundled()
         .decode(event.to_string().as_bytes())
+        .map(AgentAction::into_owned)
         .unwrap_or_else(|e| panic!("test event is valid: {e}: {event}"))
 }
 
@@ -620,12 +621,12 @@ fn enrichment_fields() {
     let mut e = Enrichment::new();
     e.insert(
         "accounts".into(),
-        BTreeMap::from([("tier".to_string(), "enterprise".to_string())]),
+        std::sync::Arc::new(BTreeMap::from([("tier".to_string(), "enterprise".to_string())])),
     );
     assert!(fires_with(w, json!({}), &e));
     e.insert(
         "accounts".into(),
-        BTreeMap::from([("tier".to_string(), "free".to_string())]),
+        std::sync::Arc::new(BTreeMap::from([("tier".to_string(), "free".to_string())])),
     );
     assert!(!fires_with(w, json!({}), &e));
     assert!(
@@ -783,10 +784,10 @@ fn finance_packet_carries_its_context() {
     let mut e = Enrichment::new();
     e.insert(
         "accounts".into(),
-        BTreeMap::from([
+        std::sync::Arc::new(BTreeMap::from([
             ("name".to_string(), "Initech".to_string()),
             ("tier".to_string(), "enterprise".to_string()),
-        ]),
+        ])),
     );
     let packets = lane_packets(m, &a, &e);
     assert_eq!(packets.keys().collect::<Vec<_>>(), ["finance", "security"]);
@@ -863,7 +864,8 @@ fn packet_context_matches_packet_context_fn() {
     let missing: Vec<String> = missing.iter().map(|c| c.to_string()).collect();
     assert_eq!(missing, strs(&["scope", "destination"]));
     let keys: Vec<String> = present.keys().map(|k| k.to_string()).collect();
-    assert_eq!(keys, strs(&["permissions", "reason", "retention_or_rollback"]));
+    // The matrix's order: required fields first, then optional ones.
+    assert_eq!(keys, strs(&["reason", "retention_or_rollback", "permissions"]));
     let p = &lane_packets(m, &a, &e)["security"];
     assert_eq!(p["missing_context"], json!(missing));
     assert_eq!(p["context"], serde_json::to_value(&present).unwrap());
@@ -1095,7 +1097,7 @@ fn arb_confidence() -> impl Strategy<Value = Option<Decimal>> {
     ])
 }
 
-fn arb_action() -> impl Strategy<Value = AgentAction> {
+fn arb_action() -> impl Strategy<Value = AgentAction<'static>> {
     (
         arb_kind(),
         proptest::option::of(select(
@@ -1139,16 +1141,19 @@ fn arb_action() -> impl Strategy<Value = AgentAction> {
                 attributes,
             )| {
                 let mut a = action(json!({}));
-                a.kind = kind;
+                a.kind = kind.into();
                 a.target.environment = env;
                 a.signals.data_classification = class;
                 a.signals.audience = audience;
                 a.signals.amount = amount;
                 a.signals.confidence = confidence;
                 a.signals.reversible = reversible;
-                a.signals.destination = destination;
-                a.signals.permissions = permissions;
-                a.attributes = attributes;
+                a.signals.destination = destination.map(Into::into);
+                a.signals.permissions = permissions.into_iter().map(Into::into).collect();
+                a.attributes = attributes
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect();
                 a
             },
         )
@@ -1169,7 +1174,7 @@ fn outcome(m: &Matrix, r: &Routing) -> BTreeMap<String, BTreeSet<String>> {
 
 /// DESIGN.md's table of the default policy, written independently of the matrix.
 fn design_lanes(a: &AgentAction) -> Vec<&'static str> {
-    let k = a.kind.as_str();
+    let k: &str = &a.kind;
     let s = &a.signals;
     let prod = a.target.environment == Some(Environment::Production);
     let sensitive = matches!(
@@ -1269,7 +1274,7 @@ proptest! {
         let e = Enrichment::new();
         let before = route(m, &a, &e);
         let mut b = a.clone();
-        b.attributes.insert(key, value);
+        b.attributes.insert(key.into(), value.into());
         let after = route(m, &b, &e);
         prop_assert_eq!(before, after);
     }

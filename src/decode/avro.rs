@@ -22,7 +22,7 @@ pub(super) fn bound_allocations(max_record_bytes: usize) {
     apache_avro::util::max_allocation_bytes(max_record_bytes.max(64 * 1024));
 }
 
-pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentAction, DecodeError> {
+pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentAction<'static>, DecodeError> {
     let bad = |message: String| DecodeError::Avro { id, message };
     let reader = GenericDatumReader::builder(schema)
         .build()
@@ -34,7 +34,7 @@ pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentActio
     }
     let as_json = to_json(value, "").map_err(bad)?;
     let bytes = serde_json::to_vec(&as_json).map_err(|e| bad(e.to_string()))?;
-    json::decode(&bytes)
+    json::decode(&bytes).map(AgentAction::into_owned)
 }
 
 /// A reader that fails at the end of its input instead of returning 0 bytes:

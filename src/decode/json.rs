@@ -43,8 +43,8 @@ struct WireAction<'a> {
     target: Option<WireTarget<'a>>,
     #[serde(borrow, default)]
     signals: Option<WireSignals<'a>>,
-    #[serde(default)]
-    attributes: Option<BTreeMap<String, String>>,
+    #[serde(borrow, default)]
+    attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
     #[serde(borrow, default)]
     payload: Text<'a>,
 }
@@ -95,8 +95,8 @@ struct WireSignals<'a> {
     alternatives: Text<'a>,
     #[serde(borrow, default)]
     promises: Text<'a>,
-    #[serde(default)]
-    permissions: Option<Vec<String>>,
+    #[serde(borrow, default)]
+    permissions: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     deadline: Text<'a>,
     #[serde(borrow, default)]
@@ -111,7 +111,7 @@ struct WireSignals<'a> {
 ///
 /// UTF-8 is checked once for the whole record, which is cheaper than
 /// serde_json's check of every string when reading from bytes.
-pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction, DecodeError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction<'_>, DecodeError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| DecodeError::Json(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     match serde_json::from_str::<WireAction>(text) {
@@ -150,12 +150,12 @@ fn wire_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError
     DecodeError::field(field, message)
 }
 
-fn validate(w: WireAction<'_>) -> Result<AgentAction, DecodeError> {
+fn validate(w: WireAction<'_>) -> Result<AgentAction<'_>, DecodeError> {
     let target = w.target.map(validate_target).transpose()?.unwrap_or_default();
     let signals = w.signals.map(validate_signals).transpose()?.unwrap_or_default();
     Ok(AgentAction {
         action_id: required(w.action_id, "action_id")?,
-        occurred_at: timestamp(required(w.occurred_at, "occurred_at")?, "occurred_at")?,
+        occurred_at: timestamp(&required(w.occurred_at, "occurred_at")?, "occurred_at")?,
         agent_id: required(w.agent_id, "agent_id")?,
         fleet: optional(w.fleet),
         tenant: optional(w.tenant),
@@ -170,13 +170,13 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction, DecodeError> {
             .attributes
             .unwrap_or_default()
             .into_iter()
-            .filter(|(_, v)| !v.trim().is_empty())
+            .filter(|(_, v)| !blank(v))
             .collect(),
         payload: optional(w.payload),
     })
 }
 
-fn validate_target(w: WireTarget<'_>) -> Result<Target, DecodeError> {
+fn validate_target(w: WireTarget<'_>) -> Result<Target<'_>, DecodeError> {
     Ok(Target {
         system: optional(w.system),
         resource: optional(w.resource),
@@ -190,7 +190,7 @@ fn validate_target(w: WireTarget<'_>) -> Result<Target, DecodeError> {
     })
 }
 
-fn validate_signals(w: WireSignals<'_>) -> Result<Signals, DecodeError> {
+fn validate_signals(w: WireSignals<'_>) -> Result<Signals<'_>, DecodeError> {
     let amount = w.amount.map(|raw| decimal(raw, "signals.amount")).transpose()?;
     if let Some(a) = amount
         && a.is_sign_negative()
@@ -242,27 +242,37 @@ fn validate_signals(w: WireSignals<'_>) -> Result<Signals, DecodeError> {
         promises: optional(w.promises),
         permissions: w.permissions.unwrap_or_default(),
         deadline: optional(w.deadline)
-            .map(|d| timestamp(d, "signals.deadline"))
+            .map(|d| timestamp(&d, "signals.deadline"))
             .transpose()?,
         confidence,
     })
 }
 
-fn required(value: Text<'_>, field: &str) -> Result<String, DecodeError> {
+fn required<'a>(value: Text<'a>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
     match value {
         None => Err(DecodeError::field(field, "is required")),
-        Some(v) if v.trim().is_empty() => Err(DecodeError::field(field, "must not be empty")),
-        Some(v) => Ok(v.into_owned()),
+        Some(v) if blank(&v) => Err(DecodeError::field(field, "must not be empty")),
+        Some(v) => Ok(v),
     }
 }
 
 /// An empty optional string carries nothing, so it is treated as absent:
 /// `destination: ""` must not count as "the data leaves".
-fn optional(value: Text<'_>) -> Option<String> {
-    value.filter(|v| !v.trim().is_empty()).map(Cow::into_owned)
+fn optional(value: Text<'_>) -> Text<'_> {
+    value.filter(|v| !blank(v))
 }
 
-fn kind(kind: String) -> Result<String, DecodeError> {
+/// Empty or only whitespace; the first byte settles it for almost every
+/// real value, so this costs far less than `trim`.
+fn blank(v: &str) -> bool {
+    match v.as_bytes().first() {
+        None => true,
+        Some(b) if !b.is_ascii_whitespace() && *b < 0x80 => false,
+        Some(_) => v.trim().is_empty(),
+    }
+}
+
+fn kind(kind: Cow<'_, str>) -> Result<Cow<'_, str>, DecodeError> {
     let well_formed = kind.split('.').all(|part| {
         !part.is_empty()
             && part
@@ -293,8 +303,8 @@ fn vocabulary<T>(
     }
 }
 
-fn timestamp(text: String, field: &str) -> Result<DateTime<Utc>, DecodeError> {
-    DateTime::parse_from_rfc3339(&text)
+fn timestamp(text: &str, field: &str) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| DecodeError::field(field, format!("{text:?} is not an RFC 3339 timestamp ({e})")))
 }

@@ -88,7 +88,9 @@ impl Decoder {
         Decoder::new(Arc::new(SchemaDir::bundled()), DEFAULT_MAX_RECORD_BYTES)
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<AgentAction, DecodeError> {
+    /// Decodes one record. The action borrows text from `bytes` where it can;
+    /// see [`AgentAction::into_owned`] to keep it longer.
+    pub fn decode<'a>(&self, bytes: &'a [u8]) -> Result<AgentAction<'a>, DecodeError> {
         if bytes.len() > self.max_bytes {
             return Err(DecodeError::TooLarge {
                 size: bytes.len(),

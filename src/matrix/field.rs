@@ -102,7 +102,7 @@ pub enum Val<'a> {
     Decimal(Decimal),
     Count(u64),
     Bool(bool),
-    List(&'a [String]),
+    List(&'a [Cow<'a, str>]),
     Time(DateTime<Utc>),
 }
 
@@ -155,8 +155,8 @@ impl Field {
     }
 
     /// Reads this field from an action and its enrichment.
-    pub fn get<'a>(&self, a: &'a AgentAction, enrichment: &'a Enrichment) -> Val<'a> {
-        fn text(v: &Option<String>) -> Val<'_> {
+    pub fn get<'a>(&self, a: &'a AgentAction<'_>, enrichment: &'a Enrichment) -> Val<'a> {
+        fn text<'v>(v: &'v Option<Cow<'_, str>>) -> Val<'v> {
             v.as_deref().map_or(Val::Absent, Val::Text)
         }
         let s = &a.signals;
@@ -200,7 +200,10 @@ impl Field {
                 Builtin::Deadline => s.deadline.map_or(Val::Absent, Val::Time),
                 Builtin::Confidence => s.confidence.map_or(Val::Absent, Val::Decimal),
             },
-            Field::Attribute(key) => a.attributes.get(key).map_or(Val::Absent, |v| Val::Text(v)),
+            Field::Attribute(key) => a
+                .attributes
+                .get(key.as_str())
+                .map_or(Val::Absent, |v| Val::Text(v)),
             Field::Enrichment { table, field } => enrichment
                 .get(table)
                 .and_then(|record| record.get(field))
@@ -230,7 +233,7 @@ impl Val<'_> {
             Val::Decimal(d) => J::String(d.to_string()),
             Val::Count(n) => J::from(*n),
             Val::Bool(b) => J::Bool(*b),
-            Val::List(items) => J::Array(items.iter().map(|i| J::String(i.clone())).collect()),
+            Val::List(items) => J::Array(items.iter().map(|i| J::String(i.to_string())).collect()),
             Val::Time(t) => J::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)),
         }
     }

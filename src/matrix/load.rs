@@ -617,7 +617,7 @@ impl<'f> Loader<'f> {
                     for (k, v) in self.map(record, "a record", &[])?.items {
                         fields.insert(k.to_string(), self.string(v, "a record value")?.to_string());
                     }
-                    enrichment.insert(table.to_string(), fields);
+                    enrichment.insert(table.to_string(), std::sync::Arc::new(fields));
                 }
             }
             let expect = self.require(&e, case, "lanes", &what)?;

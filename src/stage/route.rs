@@ -336,7 +336,7 @@ impl RouteStage {
             Status::Allowed
         };
         let pending = PendingRecord {
-            action_id: action.action_id.clone(),
+            action_id: action.action_id.to_string(),
             status,
             matrix_version: matrix.version.clone(),
             occurred_at: action.occurred_at,
@@ -357,7 +357,7 @@ impl RouteStage {
             .route_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         Handled::Routed(Routed {
-            action_id: action.action_id.clone(),
+            action_id: action.action_id.to_string(),
             occurred_at: action.occurred_at,
             outputs,
             fired,

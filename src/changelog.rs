@@ -159,6 +159,26 @@ pub fn read_all(
     topics: &[&str],
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
+    read_partitions(config, topics, None, limit)
+}
+
+/// Like [`read_all`], for one partition of one topic: how the escalation
+/// stage restores a partition's state.
+pub fn read_partition(
+    config: &Config,
+    topic: &str,
+    partition: i32,
+    limit: Duration,
+) -> Result<Vec<ReadRecord>, KafkaStageError> {
+    read_partitions(config, &[topic], Some(partition), limit)
+}
+
+fn read_partitions(
+    config: &Config,
+    topics: &[&str],
+    only: Option<i32>,
+    limit: Duration,
+) -> Result<Vec<ReadRecord>, KafkaStageError> {
     use rdkafka::message::Headers;
     let consumer: BaseConsumer = reader_config(config)
         .create()
@@ -171,7 +191,7 @@ pub fn read_all(
             .fetch_metadata(Some(topic), timeout)
             .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
         for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
-            for p in t.partitions() {
+            for p in t.partitions().iter().filter(|p| only.is_none_or(|o| o == p.id())) {
                 let (_, high) = consumer
                     .fetch_watermarks(topic, p.id(), timeout)
                     .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;

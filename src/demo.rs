@@ -121,7 +121,9 @@ async fn demo() -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let summary = crate::stage::run(config.clone(), Metrics::new(), stop)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .route
+        .unwrap_or_default();
 
     let mut topics: Vec<&str> = matrix.lanes.iter().map(|l| l.topic.as_str()).collect();
     topics.push(&config.topics.allowed);

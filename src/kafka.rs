@@ -87,6 +87,10 @@ pub fn producer_config(config: &Config, transactional_id: Option<&str>) -> Clien
     c.set("batch.num.messages", "10000");
     c.set("queue.buffering.max.messages", "200000");
     c.set("compression.type", "lz4");
+    // The Java client's key hashing, so that records keyed by action_id land
+    // on the same partition whoever writes them: the escalation stage relies
+    // on pending records and decisions being co-partitioned.
+    c.set("partitioner", "murmur2_random");
     if let Some(id) = transactional_id {
         c.set("transactional.id", id);
         c.set("transaction.timeout.ms", "60000");

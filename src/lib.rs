@@ -20,6 +20,9 @@
 //! * [`changelog`]: compacted topics read into memory (seen actions, directory).
 //! * [`dedup`]: the seen-action index that stops redelivered actions.
 //! * [`pending`]: the pending-approval record handed to the escalation stage.
+//! * [`decision`]: Decisions lane consumers write, Outcomes agents wait on.
+//! * [`escalation`]: the pure state machine of a pending approval and its timers.
+//! * [`clock`]: the one clock seam.
 //! * [`dlq`]: dead letters with their reasons.
 //! * [`sink`]: writing a batch exactly once (transactions) or at least once.
 //! * [`reload`]: the live matrix and its hot reload.
@@ -35,12 +38,15 @@
 pub mod action;
 pub mod changelog;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod decision;
 pub mod decode;
 pub mod dedup;
 pub mod demo;
 pub mod dlq;
 pub mod enrich;
+pub mod escalation;
 pub mod explain;
 pub mod http;
 pub mod kafka;

@@ -1,13 +1,20 @@
-//! Pending approvals: the record the route stage leaves in the compacted
-//! `switchboard.pending` changelog for every action it handles, keyed by
-//! `action_id`.
+//! Pending approvals: the record kept per action in the compacted
+//! `switchboard.pending` changelog, keyed by `action_id`.
 //!
-//! It is the hand-off to the escalation stage (what is awaited, from whom, by
-//! when) and the memory that makes redelivered actions recognisable.
+//! The route stage writes the first one (revision 0): what each review lane
+//! must decide, who is asked, by when, and the level-0 packets escalations
+//! are built from. The escalation stage writes every later state with a
+//! higher revision, so a reader replaying the changelog (after a restart or
+//! a rebalance) always ends on the newest state and never goes back. A
+//! closed action keeps a small closed record: it is the memory that makes a
+//! redelivered action recognisable.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::decision::{LaneVerdict, OutcomeKind};
 use crate::packet::ApprovalRequest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,33 +22,57 @@ use crate::packet::ApprovalRequest;
 pub enum Status {
     /// Waiting for the review lanes.
     Open,
-    /// Let through without review; the outcome is `approved`.
+    /// Let through without review; the outcome `approved` is still to be written.
     Allowed,
-    /// An outcome was written.
+    /// The outcome is written.
     Closed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingRecord<'a> {
-    pub action_id: String,
+    pub action_id: Cow<'a, str>,
     pub status: Status,
-    pub matrix_version: String,
+    /// 0 when routed; +1 with every change.
+    pub revision: u64,
+    pub matrix_version: Cow<'a, str>,
     pub occurred_at: DateTime<Utc>,
     pub routed_at: DateTime<Utc>,
     /// One state per review lane, in lane order.
-    pub lanes: Vec<LaneState>,
-    /// The level-0 packet of each review lane (or the allowed packet), which
-    /// escalated packets are built from.
+    pub lanes: Vec<LaneState<'a>>,
+    /// The level-0 packet of each review lane, in the same order (none once closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packets: Vec<ApprovalRequest<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<OutcomeKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<DateTime<Utc>>,
 }
+
+/// A pending record read back from the changelog.
+pub type OwnedPendingRecord = PendingRecord<'static>;
 
 /// Where one review lane stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LaneState {
-    pub lane: String,
+pub struct LaneState<'a> {
+    pub lane: Cow<'a, str>,
     /// 0 for the lane's own owner, then 1, 2… along its chain.
     pub level: u32,
+    /// The role asked at this level (as the matrix names it).
+    pub role: Cow<'a, str>,
+    /// The person or role asked: the role, or who enrichment resolved it to.
+    pub assignee: Cow<'a, str>,
+    /// Who may decide at this level.
+    pub roster: Cow<'a, [String]>,
+    /// Where this level's packet went.
+    pub topic: Cow<'a, str>,
     pub sla_due: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<String>,
+    pub verdict: Option<LaneVerdict>,
+}
+
+impl LaneState<'_> {
+    /// Whether `approver` may decide at this lane's current level.
+    pub fn may_decide(&self, approver: &str) -> bool {
+        self.roster.iter().any(|p| p == approver) || (self.assignee != self.role && self.assignee == approver)
+    }
 }

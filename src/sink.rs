@@ -109,6 +109,9 @@ impl Sink {
             Guarantee::ExactlyOnce => self.write_transaction(outputs, offsets, consumer),
             Guarantee::AtLeastOnce => {
                 self.write_acknowledged(outputs, stop)?;
+                if offsets.count() == 0 {
+                    return Ok(());
+                }
                 consumer
                     .commit(offsets, CommitMode::Sync)
                     .map_err(|e| SinkError::CommitFailed(e.to_string()))
@@ -130,12 +133,14 @@ impl Sink {
                 self.send(output, index)
                     .map_err(|e| self.txn_error("producing", e))?;
             }
-            let group = consumer
-                .group_metadata()
-                .ok_or_else(|| SinkError::Retry("consumer has no group metadata yet".into()))?;
-            self.producer
-                .send_offsets_to_transaction(offsets, &group, self.timeout)
-                .map_err(|e| self.txn_error("adding offsets to", e))?;
+            if offsets.count() > 0 {
+                let group = consumer
+                    .group_metadata()
+                    .ok_or_else(|| SinkError::Retry("consumer has no group metadata yet".into()))?;
+                self.producer
+                    .send_offsets_to_transaction(offsets, &group, self.timeout)
+                    .map_err(|e| self.txn_error("adding offsets to", e))?;
+            }
             self.producer
                 .commit_transaction(self.timeout)
                 .map_err(|e| self.txn_error("committing", e))

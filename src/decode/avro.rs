@@ -23,6 +23,16 @@ pub(super) fn bound_allocations(max_record_bytes: usize) {
 }
 
 pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentAction<'static>, DecodeError> {
+    let as_json = to_json_value(id, schema, body)?;
+    let bytes = serde_json::to_vec(&as_json).map_err(|e| DecodeError::Avro {
+        id,
+        message: e.to_string(),
+    })?;
+    json::decode(&bytes).map(AgentAction::into_owned)
+}
+
+/// Reads one Avro datum (unframed) written with `schema` as its JSON form.
+pub fn to_json_value(id: u32, schema: &Schema, body: &[u8]) -> Result<Json, DecodeError> {
     let bad = |message: String| DecodeError::Avro { id, message };
     let reader = GenericDatumReader::builder(schema)
         .build()
@@ -32,9 +42,7 @@ pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentActio
     if !rest.0.is_empty() {
         return Err(bad(format!("{} bytes left over after the record", rest.0.len())));
     }
-    let as_json = to_json(value, "").map_err(bad)?;
-    let bytes = serde_json::to_vec(&as_json).map_err(|e| bad(e.to_string()))?;
-    json::decode(&bytes).map(AgentAction::into_owned)
+    to_json(value, "").map_err(bad)
 }
 
 /// A reader that fails at the end of its input instead of returning 0 bytes:

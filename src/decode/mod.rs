@@ -131,4 +131,4 @@ pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
-pub use avro::encode_json_as_avro;
+pub use avro::{encode_json_as_avro, to_json_value as avro_to_json};

@@ -226,7 +226,15 @@ impl<'f> Loader<'f> {
                     None => None,
                 };
                 let from = match s.get("from") {
-                    Some(f) => Some(self.field(f, tables)?),
+                    Some(f) => match self.field(f, tables)? {
+                        field @ Field::Enrichment { .. } => Some(field),
+                        _ => {
+                            return Err(self.err(
+                                f.pos,
+                                "`from` names a directory field, written enrichment.<table>.<field>",
+                            ));
+                        }
+                    },
                     None => None,
                 };
                 let roster = match s.get("roster") {

@@ -6,6 +6,8 @@
 //! calls anyway); the async side (HTTP, signals, the matrix watcher) lives in
 //! [`run`].
 
+pub mod batch;
+pub mod escalate;
 pub mod route;
 mod run;
 
@@ -15,7 +17,7 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 
-pub use run::{RunError, run};
+pub use run::{RunError, RunSummary, run, run_with_clock};
 
 use crate::metrics::Metrics;
 

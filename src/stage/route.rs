@@ -8,19 +8,19 @@
 //! the batch durable are its actions marked seen and its metrics counted; a
 //! batch that was not made durable is rewound and handled again.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
+use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
 use crate::changelog::TableReader;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::decode::Decoder;
 use crate::dedup::SeenIndex;
@@ -45,17 +45,8 @@ pub struct RouteStage {
     pub seen: Arc<SeenIndex>,
     pub metrics: Metrics,
     pub health: Health,
-}
-
-/// One input record, copied out of librdkafka so workers can share it.
-#[derive(Debug, Clone)]
-pub struct InputRecord {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Time for packets and latency; see [`crate::clock`].
+    pub clock: Arc<dyn Clock>,
 }
 
 /// What handling one record produced.
@@ -112,13 +103,19 @@ impl RouteStage {
                 Some(max) => (max - summary.handled).min(config.batch_size as u64) as usize,
                 None => config.batch_size,
             };
-            let batch = poll_batch(&consumer, limit, config.batch_wait, &self.metrics);
+            let batch = poll_batch(
+                &consumer,
+                limit,
+                Duration::from_millis(100),
+                config.batch_wait,
+                &self.metrics,
+            );
             if batch.is_empty() {
                 continue;
             }
             let matrix = self.matrix.current();
             let started = Instant::now();
-            let handled = self.handle_batch(&batch, &matrix, Utc::now());
+            let handled = self.handle_batch(&batch, &matrix, self.clock.now());
             let (outputs, fresh, counts) = self.assemble(handled);
             let offsets = next_offsets(&batch);
             match sink.write(&outputs, &offsets, &consumer, &stop) {
@@ -312,9 +309,15 @@ impl RouteStage {
                     .map(|r| (lane.name.clone(), matrix.rules[*r].name.clone())),
             );
             lanes.push(LaneState {
-                lane: lane.name.clone(),
+                lane: Cow::Borrowed(&lane.name),
                 level: 0,
-                sla_due: packet::sla_due(&action, lane.sla),
+                role: Cow::Borrowed(&lane.owner),
+                assignee: Cow::Borrowed(&lane.owner),
+                roster: Cow::Borrowed(&lane.roster),
+                topic: Cow::Borrowed(&lane.topic),
+                sla_due: packet
+                    .sla_due
+                    .unwrap_or_else(|| packet::sla_due(&action, lane.sla)),
                 verdict: None,
             });
             packets.push(packet);
@@ -336,13 +339,16 @@ impl RouteStage {
             Status::Allowed
         };
         let pending = PendingRecord {
-            action_id: action.action_id.to_string(),
+            action_id: Cow::Borrowed(&action.action_id),
             status,
-            matrix_version: matrix.version.clone(),
+            revision: 0,
+            matrix_version: Cow::Borrowed(&matrix.version),
             occurred_at: action.occurred_at,
             routed_at: now,
             lanes,
             packets,
+            outcome: None,
+            closed_at: None,
         };
         match serde_json::to_vec(&pending) {
             Ok(bytes) => outputs.push(Output {
@@ -409,7 +415,7 @@ impl RouteStage {
         for (reason, n) in &counts.dead_by_reason {
             m.dead_letters_total.with_label_values(&[reason]).inc_by(*n);
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         for r in fresh {
             self.seen.insert(r.action_id.clone());
             for (lane, rule) in &r.fired {
@@ -430,85 +436,4 @@ struct Counts {
     dead: u64,
     duplicates: u64,
     dead_by_reason: BTreeMap<&'static str, u64>,
-}
-
-/// Polls up to `limit` records: waits up to 100 ms for the first, then up to
-/// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
-/// fills batches.
-fn poll_batch(
-    consumer: &BaseConsumer<StageContext>,
-    limit: usize,
-    wait: Duration,
-    metrics: &Metrics,
-) -> Vec<InputRecord> {
-    let mut batch = Vec::new();
-    let deadline = Instant::now() + wait;
-    while batch.len() < limit {
-        let timeout = if batch.is_empty() {
-            Duration::from_millis(100)
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        match consumer.poll(timeout) {
-            Some(Ok(m)) => batch.push(InputRecord {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
-            Some(Err(e)) => {
-                metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
-                tracing::warn!(error = %e, "consumer error");
-                break;
-            }
-            None => {
-                if batch.is_empty() || Instant::now() >= deadline {
-                    break;
-                }
-            }
-        }
-    }
-    batch
-}
-
-/// The offsets to commit after a batch: one past the last record of each
-/// partition.
-fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {
-    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for r in batch {
-        let e = last.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
-        *e = (*e).max(r.offset);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in last {
-        // Adding to a fresh list cannot fail for a valid partition number.
-        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
-    }
-    tpl
-}
-
-/// Moves the consumer back to the first record of each partition in the
-/// batch, so a batch that was not made durable is read again.
-fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[InputRecord]) {
-    let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for r in batch {
-        let e = first.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
-        *e = (*e).min(r.offset);
-    }
-    for ((topic, partition), offset) in first {
-        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
-            // The partition may have moved to another instance in a
-            // rebalance; its new owner starts from the committed offset.
-            tracing::info!(%topic, partition, error = %e, "could not rewind partition");
-        }
-    }
 }

@@ -8,9 +8,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::escalate::{EscalateStage, EscalateSummary};
 use super::route::{RouteStage, RouteSummary};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Stage};
-use crate::decode::{Decoder, SchemaDir};
+use crate::decode::{Decoder, SchemaDir, SchemaSource};
 use crate::enrich::Directory;
 use crate::http::{self, Health};
 use crate::kafka::{KafkaStageError, ensure_topics};
@@ -28,17 +30,30 @@ pub enum RunError {
     Schemas(String),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics { addr: String, source: std::io::Error },
-    #[error("the {0} stage is not available in this build yet")]
-    StageUnavailable(&'static str),
     #[error("stage thread failed: {0}")]
     Thread(String),
 }
 
-/// Runs the configured stages until a signal, `--max-events`, or a fatal error.
-pub async fn run(config: Config, metrics: Metrics, stop: Arc<AtomicBool>) -> Result<RouteSummary, RunError> {
-    if config.stage == Stage::Escalate {
-        return Err(RunError::StageUnavailable("escalate"));
-    }
+/// What a run did, per stage.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    pub route: Option<RouteSummary>,
+    pub escalate: Option<EscalateSummary>,
+}
+
+/// Runs the configured stages until a signal, `--max-events`, or a fatal
+/// error, on the system clock.
+pub async fn run(config: Config, metrics: Metrics, stop: Arc<AtomicBool>) -> Result<RunSummary, RunError> {
+    run_with_clock(config, metrics, stop, Arc::new(SystemClock)).await
+}
+
+/// [`run`] with the clock of the caller's choosing (tests drive SLAs with it).
+pub async fn run_with_clock(
+    config: Config,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+    clock: Arc<dyn Clock>,
+) -> Result<RunSummary, RunError> {
     let config = Arc::new(config);
     let health = Health::new();
     let matrix = MatrixHandle::load(&config.matrix_path, metrics.clone())?;
@@ -74,40 +89,86 @@ pub async fn run(config: Config, metrics: Metrics, stop: Arc<AtomicBool>) -> Res
         ));
     }
 
-    let decoder = match &config.schemas_dir {
-        Some(dir) => Decoder::new(
-            Arc::new(SchemaDir::load(dir).map_err(|e| RunError::Schemas(e.to_string()))?),
-            config.max_record_bytes,
-        ),
-        None => Decoder::new(Arc::new(SchemaDir::bundled()), config.max_record_bytes),
-    };
-    let stage = RouteStage {
-        config: config.clone(),
-        matrix,
-        decoder,
-        directory: Arc::new(Directory::default()),
-        seen: Arc::new(Default::default()),
-        metrics,
-        health: health.clone(),
+    let schemas: Arc<dyn SchemaSource> = match &config.schemas_dir {
+        Some(dir) => Arc::new(SchemaDir::load(dir).map_err(|e| RunError::Schemas(e.to_string()))?),
+        None => Arc::new(SchemaDir::bundled()),
     };
     health.set_alive(true);
-    let stage_stop = stop.clone();
-    let mut worker = tokio::task::spawn_blocking(move || stage.run(stage_stop));
+    let mut workers = tokio::task::JoinSet::new();
+    if matches!(config.stage, Stage::Route | Stage::All) {
+        let stage = RouteStage {
+            config: config.clone(),
+            matrix: matrix.clone(),
+            decoder: Decoder::new(schemas.clone(), config.max_record_bytes),
+            directory: Arc::new(Directory::default()),
+            seen: Arc::new(Default::default()),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            clock: clock.clone(),
+        };
+        let stop = stop.clone();
+        workers.spawn_blocking(move || {
+            stage.run(stop).map(|s| RunSummary {
+                route: Some(s),
+                escalate: None,
+            })
+        });
+    }
+    if matches!(config.stage, Stage::Escalate | Stage::All) {
+        let stage = EscalateStage {
+            config: config.clone(),
+            matrix: matrix.clone(),
+            schemas: schemas.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            // With both stages in one process, readiness is the route
+            // stage's; the escalation stage reports into its own.
+            health: if config.stage == Stage::All {
+                Health::new()
+            } else {
+                health.clone()
+            },
+        };
+        let stop = stop.clone();
+        workers.spawn_blocking(move || {
+            stage.run(stop).map(|s| RunSummary {
+                route: None,
+                escalate: Some(s),
+            })
+        });
+    }
 
-    let result = tokio::select! {
-        r = &mut worker => r,
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down: finishing the batch in hand");
-            stop.store(true, Ordering::Relaxed);
-            worker.await
+    // The first stage to finish (max-events, a fatal error) or a signal
+    // stops them all; each finishes and commits the batch in hand.
+    let mut summary = RunSummary::default();
+    let mut first_error = None;
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            next = workers.join_next() => {
+                let Some(done) = next else { break };
+                stop.store(true, Ordering::Relaxed);
+                match done {
+                    Ok(Ok(s)) => {
+                        summary.route = summary.route.or(s.route);
+                        summary.escalate = summary.escalate.or(s.escalate);
+                    }
+                    Ok(Err(e)) => first_error = first_error.or(Some(RunError::Kafka(e))),
+                    Err(e) => first_error = first_error.or(Some(RunError::Thread(e.to_string()))),
+                }
+            }
+            _ = shutdown_signal(), if !signalled => {
+                tracing::info!("shutting down: finishing the batch in hand");
+                signalled = true;
+                stop.store(true, Ordering::Relaxed);
+            }
         }
-    };
-    stop.store(true, Ordering::Relaxed);
+    }
     health.set_alive(false);
     let _ = shutdown_tx.send(true);
-    match result {
-        Ok(r) => Ok(r?),
-        Err(e) => Err(RunError::Thread(e.to_string())),
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(summary),
     }
 }
 

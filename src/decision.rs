@@ -1,0 +1,116 @@
+//! Decisions and outcomes: what lane consumers answer and what agents wait on.
+//!
+//! A Decision arrives on `approvals.decisions` as JSON or as Confluent-framed
+//! Avro (`schemas/decision.avsc`); it is only parsed and checked for shape
+//! here. Whether it may change anything (pending, on that lane, from someone
+//! on the roster, not a second verdict) is the escalation state machine's
+//! call ([`crate::escalation`]).
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::decode::SchemaSource;
+use crate::ordered::Ordered;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Approve,
+    Reject,
+    NeedsContext,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Approve => "approve",
+            Verdict::Reject => "reject",
+            Verdict::NeedsContext => "needs_context",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub action_id: String,
+    pub lane: String,
+    pub verdict: Verdict,
+    pub approver: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// Why a decision record is not a Decision at all.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct MalformedDecision(pub String);
+
+impl Decision {
+    /// Parses a decision record (JSON, or Avro with Confluent framing).
+    pub fn decode(bytes: &[u8], schemas: &dyn SchemaSource) -> Result<Decision, MalformedDecision> {
+        let decision: Decision = match bytes.first() {
+            Some(0) => {
+                let [0, a, b, c, d, body @ ..] = bytes else {
+                    return Err(MalformedDecision("Confluent framing needs 5 bytes".into()));
+                };
+                let id = u32::from_be_bytes([*a, *b, *c, *d]);
+                let schema = schemas
+                    .schema(id)
+                    .map_err(|e| MalformedDecision(format!("schema id {id}: {e}")))?;
+                let json = crate::decode::avro_to_json(id, &schema, body)
+                    .map_err(|e| MalformedDecision(e.to_string()))?;
+                serde_json::from_value(json).map_err(|e| MalformedDecision(e.to_string()))?
+            }
+            _ => serde_json::from_slice(bytes).map_err(|e| MalformedDecision(e.to_string()))?,
+        };
+        for (field, value) in [
+            ("action_id", &decision.action_id),
+            ("lane", &decision.lane),
+            ("approver", &decision.approver),
+        ] {
+            if value.trim().is_empty() {
+                return Err(MalformedDecision(format!("{field}: must not be empty")));
+            }
+        }
+        Ok(decision)
+    }
+}
+
+/// How an approval ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Approved,
+    Rejected,
+    NeedsContext,
+    /// The fallback chain ran out: agents must treat it as a rejection.
+    Expired,
+}
+
+/// One lane's verdict in an outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaneVerdict {
+    pub verdict: Verdict,
+    pub approver: String,
+    pub decided_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// The record on `approvals.outcomes` an agent waits on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome<'a> {
+    pub action_id: Cow<'a, str>,
+    pub outcome: OutcomeKind,
+    /// Lane → verdict, for the lanes that decided.
+    pub verdicts: Ordered<Cow<'a, str>, LaneVerdict>,
+    pub matrix_version: Cow<'a, str>,
+    pub closed_at: DateTime<Utc>,
+    /// For `expired`: the lane whose chain ran out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_lane: Option<Cow<'a, str>>,
+}

@@ -1,0 +1,277 @@
+//! Escalation: the state machine of one pending approval, as pure functions.
+//!
+//! Given the current [`PendingRecord`], a decision or a due SLA produces the
+//! next record plus what to publish: an escalated packet on the next step's
+//! lane topic, and, when the approval ends, its [`Outcome`]. The escalation
+//! stage only feeds these functions from Kafka and writes what they return,
+//! so every rule here (who may decide, what closes an approval, how a chain
+//! ends) is tested without a broker.
+//!
+//! Fail closed: when the last step of a chain passes its SLA, or the lane no
+//! longer exists in the live matrix, the outcome is `expired`.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::decision::{Decision, LaneVerdict, Outcome, OutcomeKind, Verdict};
+use crate::matrix::{Field, Matrix};
+use crate::ordered::Ordered;
+use crate::packet::OwnedApprovalRequest;
+use crate::pending::{LaneState, OwnedPendingRecord, Status};
+
+/// What a decision or a timer changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effects {
+    /// The next state, to write to the changelog.
+    pub record: OwnedPendingRecord,
+    /// Escalated packets: (topic, packet).
+    pub packets: Vec<(String, OwnedApprovalRequest)>,
+    pub outcome: Option<Outcome<'static>>,
+    /// (from role, to role) for `escalations_total`.
+    pub escalation: Option<(String, String)>,
+}
+
+/// Why a decision was refused; the label of `decisions_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a Decision at all.
+    Malformed,
+    /// No approval is pending for the action (unknown, or already closed).
+    NotPending,
+    /// The action is not pending on that lane.
+    WrongLane,
+    /// That lane has already decided.
+    AlreadyDecided,
+    /// The approver is not on the roster of the lane's current step.
+    NotOnRoster,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::NotPending => "not_pending",
+            Refusal::WrongLane => "wrong_lane",
+            Refusal::AlreadyDecided => "already_decided",
+            Refusal::NotOnRoster => "not_on_roster",
+        }
+    }
+}
+
+/// Applies a decision to a pending record, or says why it may not.
+pub fn decide(
+    record: &OwnedPendingRecord,
+    decision: &Decision,
+    now: DateTime<Utc>,
+) -> Result<Effects, Refusal> {
+    if record.status != Status::Open {
+        return Err(Refusal::NotPending);
+    }
+    let index = record
+        .lanes
+        .iter()
+        .position(|l| l.lane == decision.lane)
+        .ok_or(Refusal::WrongLane)?;
+    let lane = &record.lanes[index];
+    if lane.verdict.is_some() {
+        return Err(Refusal::AlreadyDecided);
+    }
+    if !lane.may_decide(&decision.approver) {
+        return Err(Refusal::NotOnRoster);
+    }
+    let mut next = record.clone();
+    next.revision += 1;
+    next.lanes[index].verdict = Some(LaneVerdict {
+        verdict: decision.verdict,
+        approver: decision.approver.clone(),
+        decided_at: decision.decided_at,
+        comment: decision.comment.clone(),
+    });
+    let ends = match decision.verdict {
+        Verdict::Reject => Some(OutcomeKind::Rejected),
+        Verdict::NeedsContext => Some(OutcomeKind::NeedsContext),
+        Verdict::Approve if next.lanes.iter().all(|l| l.verdict.is_some()) => Some(OutcomeKind::Approved),
+        Verdict::Approve => None,
+    };
+    let outcome = ends.map(|kind| close(&mut next, kind, None, now));
+    Ok(Effects {
+        record: next,
+        packets: Vec::new(),
+        outcome,
+        escalation: None,
+    })
+}
+
+/// The SLA of lane `index` passed without a decision: ask the next step of
+/// its chain, or end the approval as expired when there is none.
+pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: DateTime<Utc>) -> Effects {
+    let mut next = record.clone();
+    next.revision += 1;
+    let state = &record.lanes[index];
+    let step = matrix
+        .lane(&state.lane)
+        .and_then(|lane| matrix.chain(lane).get(state.level as usize));
+    let (Some(step), Some(packet)) = (step, record.packets.get(index)) else {
+        let outcome = close(&mut next, OutcomeKind::Expired, Some(state.lane.to_string()), now);
+        return Effects {
+            record: next,
+            packets: Vec::new(),
+            outcome: Some(outcome),
+            escalation: None,
+        };
+    };
+    let assignee = step
+        .from
+        .as_ref()
+        .and_then(|field| resolve(field, packet))
+        .unwrap_or_else(|| step.assignee.clone());
+    let sla_due = TimeDelta::from_std(step.sla)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let topic = matrix.lanes[step.lane].topic.clone();
+    let level = state.level + 1;
+    let mut roster = step.roster.clone();
+    if assignee != step.assignee && !roster.contains(&assignee) {
+        roster.push(assignee.clone());
+    }
+    next.lanes[index] = LaneState {
+        lane: state.lane.clone(),
+        level,
+        role: Cow::Owned(step.assignee.clone()),
+        assignee: Cow::Owned(assignee.clone()),
+        roster: Cow::Owned(roster.clone()),
+        topic: Cow::Owned(topic.clone()),
+        sla_due,
+        verdict: None,
+    };
+    let mut escalated = packet.clone();
+    escalated.escalation_level = Some(level);
+    escalated.assignee = Some(Cow::Owned(assignee));
+    escalated.sla_due = Some(sla_due);
+    escalated.routed_at = now;
+    if let Some(decide) = escalated.decide.as_mut() {
+        decide.roster = Cow::Owned(roster);
+    }
+    Effects {
+        escalation: Some((state.role.to_string(), step.assignee.clone())),
+        record: next,
+        packets: vec![(topic, escalated)],
+        outcome: None,
+    }
+}
+
+/// Ends an allowed action: its outcome is `approved` with no verdicts.
+pub fn allow(record: &OwnedPendingRecord, now: DateTime<Utc>) -> Effects {
+    let mut next = record.clone();
+    next.revision += 1;
+    let outcome = close(&mut next, OutcomeKind::Approved, None, now);
+    Effects {
+        record: next,
+        packets: Vec::new(),
+        outcome: Some(outcome),
+        escalation: None,
+    }
+}
+
+/// Marks the record closed (dropping the packets, which are no longer
+/// needed) and builds the outcome.
+fn close(
+    record: &mut OwnedPendingRecord,
+    kind: OutcomeKind,
+    expired_lane: Option<String>,
+    now: DateTime<Utc>,
+) -> Outcome<'static> {
+    record.status = Status::Closed;
+    record.outcome = Some(kind);
+    record.closed_at = Some(now);
+    record.packets.clear();
+    Outcome {
+        action_id: record.action_id.clone(),
+        outcome: kind,
+        verdicts: Ordered(
+            record
+                .lanes
+                .iter()
+                .filter_map(|l| l.verdict.clone().map(|v| (l.lane.clone(), v)))
+                .collect(),
+        ),
+        matrix_version: record.matrix_version.clone(),
+        closed_at: now,
+        expired_lane: expired_lane.map(Cow::Owned),
+    }
+}
+
+/// Who a step's `from` names, found in what enrichment added to the packet.
+fn resolve(field: &Field, packet: &OwnedApprovalRequest) -> Option<String> {
+    match field {
+        Field::Enrichment { table, field } => packet
+            .enrichment
+            .get(table)
+            .and_then(|record| record.get(field))
+            .filter(|v| !v.trim().is_empty())
+            .cloned(),
+        _ => None,
+    }
+}
+
+/// Due SLAs of pending lanes, ordered by time, so firing what is due never
+/// scans all state. Entries are (due, action_id, lane index); an entry that
+/// no longer matches its record (the lane decided or moved on) is skipped
+/// when it comes up.
+#[derive(Debug, Default)]
+pub struct Timers {
+    queue: BTreeSet<(DateTime<Utc>, String, usize)>,
+}
+
+impl Timers {
+    /// Schedules every undecided lane of an open record.
+    pub fn schedule(&mut self, record: &OwnedPendingRecord) {
+        if record.status != Status::Open {
+            return;
+        }
+        for (i, lane) in record.lanes.iter().enumerate() {
+            if lane.verdict.is_none() {
+                self.queue.insert((lane.sla_due, record.action_id.to_string(), i));
+            }
+        }
+    }
+
+    /// Removes and returns the next entry due at or before `now`.
+    pub fn pop_due(&mut self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, String, usize)> {
+        match self.queue.first() {
+            Some((due, _, _)) if *due <= now => self.queue.pop_first(),
+            _ => None,
+        }
+    }
+
+    /// When the next timer is due.
+    pub fn next_due(&self) -> Option<DateTime<Utc>> {
+        self.queue.first().map(|(due, _, _)| *due)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Drops every entry (a partition was revoked).
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+}
+
+/// Whether a popped timer entry still describes the record: the lane is
+/// undecided, the record open, and the due time unchanged.
+pub fn is_current(record: &OwnedPendingRecord, due: DateTime<Utc>, index: usize) -> bool {
+    record.status == Status::Open
+        && record
+            .lanes
+            .get(index)
+            .is_some_and(|l| l.verdict.is_none() && l.sla_due == due)
+}

@@ -1,0 +1,107 @@
+//! Batches: polling records from a stage's consumer, the offsets that
+//! commit them, and rewinding when a batch was not made durable. Shared by
+//! both stages.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::StageContext;
+use crate::metrics::Metrics;
+
+/// One input record, copied out of librdkafka so workers can share it.
+#[derive(Debug, Clone)]
+pub struct InputRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Polls up to `limit` records: waits up to `first` for the first, then up to
+/// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
+/// fills batches.
+pub fn poll_batch(
+    consumer: &BaseConsumer<StageContext>,
+    limit: usize,
+    first: Duration,
+    wait: Duration,
+    metrics: &Metrics,
+) -> Vec<InputRecord> {
+    let mut batch = Vec::new();
+    let deadline = Instant::now() + wait;
+    while batch.len() < limit {
+        let timeout = if batch.is_empty() {
+            first
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(m)) => batch.push(InputRecord {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            Some(Err(e)) => {
+                metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            None => {
+                if batch.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+    batch
+}
+
+/// The offsets to commit after a batch: one past the last record of each
+/// partition.
+pub fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = last.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in last {
+        // Adding to a fresh list cannot fail for a valid partition number.
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
+    }
+    tpl
+}
+
+/// Moves the consumer back to the first record of each partition in the
+/// batch, so a batch that was not made durable is read again.
+pub fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[InputRecord]) {
+    let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = first.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        *e = (*e).min(r.offset);
+    }
+    for ((topic, partition), offset) in first {
+        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            // The partition may have moved to another instance in a
+            // rebalance; its new owner starts from the committed offset.
+            tracing::info!(%topic, partition, error = %e, "could not rewind partition");
+        }
+    }
+}

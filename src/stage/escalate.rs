@@ -66,6 +66,11 @@ struct State {
     partitions: BTreeSet<i32>,
     /// Allowed actions restored without their outcome yet.
     to_allow: Vec<String>,
+    /// Approvals closed here whose closing record has not been read back
+    /// yet: action_id → (partition, closing revision). Until it is, older
+    /// records of ours still on their way back must not bring the approval
+    /// back to life.
+    closing: HashMap<String, (i32, u64)>,
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
     open: HashMap<String, i64>,
@@ -98,6 +103,8 @@ struct Work {
     escalations: Vec<(String, String)>,
     /// Lanes whose SLA passed (an escalation or an expiry).
     breaches: Vec<String>,
+    /// Closed approvals whose closing record was read back.
+    read_back: Vec<String>,
     outcomes: u64,
 }
 
@@ -228,6 +235,7 @@ impl EscalateStage {
                 state.count(record, -1);
             }
             state.records.retain(|_, (p, _)| !revoked.contains(p));
+            state.closing.retain(|_, (p, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
             for (_, record) in state.records.values() {
@@ -312,9 +320,22 @@ impl EscalateStage {
                 return;
             }
         };
+        if state
+            .closing
+            .get(id)
+            .is_some_and(|(_, closed)| *closed == record.revision)
+        {
+            // Our closing record is back: nothing older of ours can follow it.
+            work.read_back.push(id.to_string());
+            return;
+        }
         if self
             .current(state, work, id)
             .is_some_and(|(_, old)| old.revision >= record.revision)
+            || state
+                .closing
+                .get(id)
+                .is_some_and(|(_, closed)| *closed >= record.revision)
         {
             // Our own changelog write coming back, or an older state.
             return;
@@ -486,6 +507,9 @@ impl EscalateStage {
         for lane in &work.breaches {
             m.sla_breaches_total.with_label_values(&[lane.as_str()]).inc();
         }
+        for id in &work.read_back {
+            state.closing.remove(id);
+        }
         for (id, (partition, record)) in work.staged {
             if !state.partitions.contains(&partition) {
                 continue;
@@ -496,6 +520,7 @@ impl EscalateStage {
             state.count(&record, 1);
             if record.status == Status::Closed {
                 state.records.remove(&id);
+                state.closing.insert(id, (partition, record.revision));
             } else {
                 state.timers.schedule(&record);
                 state.records.insert(id, (partition, record));

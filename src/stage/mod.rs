@@ -42,11 +42,29 @@ impl ClientContext for StageContext {
     fn stats(&self, statistics: Statistics) {
         for (name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
-                if *id >= 0 && partition.consumer_lag >= 0 {
-                    self.metrics.set_consumer_lag(name, *id, partition.consumer_lag);
+                if let Some(lag) = lag(partition).filter(|_| *id >= 0) {
+                    self.metrics.set_consumer_lag(name, *id, lag);
                 }
             }
         }
+    }
+}
+
+/// Records behind the end of a partition: from the consumer's position,
+/// since with exactly-once the offsets are committed by the transactional
+/// producer and librdkafka's own `consumer_lag` (from the committed offset
+/// this consumer last saw) never moves. The end is the last stable offset,
+/// as the stages read committed records only.
+fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    if end >= 0 && p.app_offset >= 0 {
+        Some((end - p.app_offset).max(0))
+    } else {
+        (p.consumer_lag >= 0).then_some(p.consumer_lag)
     }
 }
 

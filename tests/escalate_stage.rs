@@ -1,0 +1,371 @@
+//! The escalation stage end to end on librdkafka's mock cluster, with a
+//! clock the test moves (no sleeping through SLAs): decisions accepted only
+//! from the current step's roster, escalations along the chain, expiry that
+//! fails closed, allowed actions approved, and timers that survive a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+use switchboard::changelog::{ReadRecord, read_all};
+use switchboard::clock::ManualClock;
+use switchboard::config::{Config, Stage};
+use switchboard::matrix::Matrix;
+use switchboard::metrics::Metrics;
+use switchboard::stage::{RunSummary, run_with_clock};
+
+const T0: &str = "2026-03-01T10:00:00Z";
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(T0).unwrap().with_timezone(&Utc)
+}
+
+struct Broker {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    config: Config,
+    producer: BaseProducer,
+}
+
+impl Broker {
+    fn new() -> Broker {
+        switchboard::cli::init_logging(switchboard::cli::LogFormat::Text);
+        let cluster = MockCluster::new(1).expect("mock cluster starts");
+        let matrix_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/short-sla.yaml");
+        let mut config = Config::new(cluster.bootstrap_servers(), &matrix_path);
+        config.stage = Stage::All;
+        config.partitions = 2;
+        config.batch_wait = Duration::from_millis(1);
+        // The mock cluster holds a restarted member's partitions until the old
+        // member's session times out; keep that short.
+        config.kafka.push(("session.timeout.ms".into(), "6000".into()));
+        config.kafka.push(("heartbeat.interval.ms".into(), "500".into()));
+        let matrix = Matrix::load(&matrix_path).expect("test matrix loads");
+        for topic in switchboard::kafka::owned_topics(&config, &matrix)
+            .iter()
+            .chain(["directory.accounts".to_string()].iter())
+        {
+            cluster
+                .create_topic(topic, config.partitions, 1)
+                .expect("topic created");
+        }
+        // The same partitioner as switchboard's producers, as DESIGN requires
+        // of decision writers: decisions must land with their pending record.
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("partitioner", "murmur2_random")
+            .create()
+            .expect("producer");
+        Broker {
+            cluster,
+            config,
+            producer,
+        }
+    }
+
+    fn send(&self, topic: &str, key: &str, value: &Value) {
+        let bytes = value.to_string();
+        self.producer
+            .send(BaseRecord::to(topic).key(key).payload(&bytes))
+            .map_err(|(e, _)| e)
+            .expect("enqueued");
+        self.producer.flush(Duration::from_secs(10)).expect("flushed");
+    }
+
+    fn action(&self, id: &str, fields: Value) {
+        let mut event = json!({
+            "action_id": id, "occurred_at": T0, "agent_id": "agent-1", "summary": id,
+        });
+        for (k, v) in fields.as_object().unwrap() {
+            event[k] = v.clone();
+        }
+        self.send("agent.actions", id, &event);
+    }
+
+    fn decide(&self, id: &str, lane: &str, verdict: &str, approver: &str) {
+        self.send(
+            "approvals.decisions",
+            id,
+            &json!({"action_id": id, "lane": lane, "verdict": verdict, "approver": approver, "decided_at": T0}),
+        );
+    }
+
+    fn read(&self, topic: &str) -> Vec<ReadRecord> {
+        read_all(&self.config, &[topic], Duration::from_secs(10)).expect("topic readable")
+    }
+
+    /// Values on `topic` for `key`, parsed.
+    fn values(&self, topic: &str, key: &str) -> Vec<Value> {
+        self.read(topic)
+            .into_iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
+            .filter_map(|r| serde_json::from_slice(r.payload.as_deref()?).ok())
+            .collect()
+    }
+
+    /// Waits (polling, with a deadline) until `check` holds.
+    fn wait_for(&self, what: &str, mut check: impl FnMut(&Broker) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn outcome(&self, id: &str) -> Option<Value> {
+        self.values("approvals.outcomes", id).pop()
+    }
+}
+
+/// Sets the stop flag when dropped, so a failing test never leaves the
+/// stages running (the runtime would wait for them forever).
+struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    fn store(&self, value: bool, order: Ordering) {
+        self.0.store(value, order);
+    }
+}
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs both stages in the background until the returned flag is set.
+fn start(
+    broker: &Broker,
+    clock: Arc<ManualClock>,
+    metrics: Metrics,
+) -> (
+    Stop,
+    tokio::task::JoinHandle<Result<RunSummary, switchboard::stage::RunError>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = tokio::spawn(run_with_clock(
+        broker.config.clone(),
+        metrics,
+        stop.clone(),
+        clock,
+    ));
+    (Stop(stop), handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_escalations_and_outcomes() {
+    let broker = Broker::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let metrics = Metrics::new();
+    let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
+    broker.send(
+        "directory.accounts",
+        "acct-1",
+        &json!({"name": "Initech", "lead": "lena"}),
+    );
+
+    broker.action(
+        "refund",
+        json!({"kind": "refund.issue", "signals": {"amount": "500"}}),
+    );
+    broker.action(
+        "small",
+        json!({"kind": "refund.issue", "signals": {"amount": "5"}}),
+    );
+    broker.action("email", json!({"kind": "email.send", "target": {"account_id": "acct-1"}, "signals": {"audience": "external"}}));
+    broker.action("extend", json!({"kind": "deadline.extend"}));
+
+    // Allowed actions are approved at once, with no verdicts.
+    broker.wait_for("the allowed action's outcome", |b| b.outcome("small").is_some());
+    let small = broker.outcome("small").unwrap();
+    assert_eq!(small["outcome"], "approved");
+    assert_eq!(small["verdicts"], json!({}));
+
+    // Wait until the three review packets exist, so the decisions find their approvals.
+    broker.wait_for("the review packets", |b| {
+        !b.values("approvals.finance", "refund").is_empty()
+            && !b.values("approvals.customer", "email").is_empty()
+            && !b.values("approvals.manager", "extend").is_empty()
+    });
+    broker.wait_for("the pending approvals to be held", |_| {
+        metrics.pending_approvals.with_label_values(&["finance"]).get() == 1
+    });
+
+    // Someone off the roster, and the right person on the wrong lane: refused.
+    broker.decide("refund", "finance", "approve", "mallory");
+    broker.decide("refund", "customer", "approve", "cora");
+    // The manager rejects; the customer owner approves.
+    broker.decide("extend", "manager", "reject", "morgan");
+    broker.decide("email", "customer", "approve", "cora");
+    broker.wait_for("two outcomes", |b| {
+        b.outcome("extend").is_some() && b.outcome("email").is_some()
+    });
+    let extend = broker.outcome("extend").unwrap();
+    assert_eq!(extend["outcome"], "rejected");
+    assert_eq!(extend["verdicts"]["manager"]["approver"], "morgan");
+    assert_eq!(broker.outcome("email").unwrap()["outcome"], "approved");
+    // A second verdict after the outcome changes nothing.
+    broker.decide("extend", "manager", "approve", "morgan");
+    broker.wait_for("the refusals", |_| {
+        metrics
+            .decisions_rejected_total
+            .with_label_values(&["not_on_roster"])
+            .get()
+            == 1
+            && metrics
+                .decisions_rejected_total
+                .with_label_values(&["wrong_lane"])
+                .get()
+                == 1
+            && metrics
+                .decisions_rejected_total
+                .with_label_values(&["not_pending"])
+                .get()
+                == 1
+    });
+    assert_eq!(broker.values("approvals.outcomes", "extend").len(), 1);
+    let dlq = broker.read("switchboard.dlq");
+    let reasons: Vec<String> = dlq
+        .iter()
+        .flat_map(|r| r.headers.iter().filter(|(k, _)| k == "switchboard.reason"))
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    for reason in ["not_on_roster", "wrong_lane", "not_pending"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
+    }
+
+    // The finance SLA passes: the finance lead is asked, on the finance topic.
+    clock.advance(TimeDelta::seconds(3));
+    broker.wait_for("the first escalation", |b| {
+        b.values("approvals.finance", "refund").len() == 2
+    });
+    let level1 = broker.values("approvals.finance", "refund").pop().unwrap();
+    assert_eq!(level1["escalation_level"], 1);
+    assert_eq!(level1["assignee"], "finance-lead");
+    assert_eq!(level1["lane"], "finance");
+    assert_eq!(level1["decide"]["roster"], json!(["fiona"]));
+    // The level-0 approver may no longer decide.
+    broker.decide("refund", "finance", "approve", "fran");
+    broker.wait_for("the stale approver refused", |_| {
+        metrics
+            .decisions_rejected_total
+            .with_label_values(&["not_on_roster"])
+            .get()
+            == 2
+    });
+
+    // The customer lane's step resolves the account lead from enrichment.
+    broker.action(
+        "email-2",
+        json!({"kind": "email.send", "occurred_at": "2026-03-01T10:00:03Z",
+            "target": {"account_id": "acct-1"}, "signals": {"audience": "external"}}),
+    );
+    broker.wait_for("the second email's packet", |b| {
+        !b.values("approvals.customer", "email-2").is_empty()
+    });
+    clock.advance(TimeDelta::seconds(3));
+    broker.wait_for("the second escalation", |b| {
+        b.values("approvals.manager", "refund").len() == 1
+            && b.values("approvals.customer", "email-2").len() == 2
+    });
+    let to_lead = broker.values("approvals.customer", "email-2").pop().unwrap();
+    assert_eq!(to_lead["assignee"], "lena");
+    let to_manager = broker.values("approvals.manager", "refund").pop().unwrap();
+    assert_eq!(to_manager["escalation_level"], 2);
+    assert_eq!(to_manager["lane"], "finance");
+    assert_eq!(to_manager["assignee"], "manager");
+    // The resolved lead may decide at that step.
+    broker.decide("email-2", "customer", "approve", "lena");
+    broker.wait_for("the lead's approval", |b| b.outcome("email-2").is_some());
+    let email2 = broker.outcome("email-2").unwrap();
+    assert_eq!(email2["verdicts"]["customer"]["approver"], "lena", "{email2}");
+
+    // The last step passes too: the approval fails closed.
+    clock.advance(TimeDelta::seconds(3));
+    broker.wait_for("the expiry", |b| b.outcome("refund").is_some());
+    let refund = broker.outcome("refund").unwrap();
+    assert_eq!(refund["outcome"], "expired");
+    assert_eq!(refund["expired_lane"], "finance");
+    assert_eq!(
+        metrics
+            .escalations_total
+            .with_label_values(&["finance-approver", "finance-lead"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        metrics
+            .escalations_total
+            .with_label_values(&["finance-lead", "manager"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        metrics.sla_breaches_total.with_label_values(&["finance"]).get(),
+        3
+    );
+    assert_eq!(metrics.pending_approvals.with_label_values(&["finance"]).get(), 0);
+
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+    // Each action has exactly one outcome.
+    for id in ["refund", "small", "email", "extend", "email-2"] {
+        assert_eq!(broker.values("approvals.outcomes", id).len(), 1, "{id}");
+    }
+    drop(broker.cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
+    let broker = Broker::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (stop, handle) = start(&broker, clock.clone(), Metrics::new());
+    broker.action(
+        "refund",
+        json!({"kind": "refund.issue", "signals": {"amount": "500"}}),
+    );
+    broker.wait_for("the packet", |b| {
+        !b.values("approvals.finance", "refund").is_empty()
+    });
+    // Let the escalation stage take the pending record in before stopping.
+    broker.wait_for("the pending record held", |b| {
+        !b.values("switchboard.pending", "refund").is_empty()
+    });
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+
+    // Nothing runs while the SLA passes.
+    clock.advance(TimeDelta::seconds(3));
+    let metrics = Metrics::new();
+    let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
+    broker.wait_for("the escalation on restore", |b| {
+        b.values("approvals.finance", "refund").len() == 2
+    });
+    // Restart again: the fired step is in the changelog, so it is not fired twice.
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+    let (stop, handle) = start(&broker, clock.clone(), Metrics::new());
+    broker.action(
+        "marker",
+        json!({"kind": "refund.issue", "signals": {"amount": "5"}}),
+    );
+    broker.wait_for("the restarted stage to be working", |b| {
+        b.outcome("marker").is_some()
+    });
+    assert_eq!(broker.values("approvals.finance", "refund").len(), 2);
+    assert!(broker.outcome("refund").is_none());
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+    assert_eq!(
+        metrics
+            .escalations_total
+            .with_label_values(&["finance-approver", "finance-lead"])
+            .get(),
+        1
+    );
+}

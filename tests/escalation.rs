@@ -1,0 +1,241 @@
+//! The escalation state machine without Kafka: who may decide, what closes
+//! an approval, how a chain is walked and how it ends, and the timer queue.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use switchboard::decision::{Decision, OutcomeKind, Verdict};
+use switchboard::escalation::{self, Refusal, Timers};
+use switchboard::matrix::Matrix;
+use switchboard::pending::{LaneState, OwnedPendingRecord, Status};
+
+fn t(s: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+        + TimeDelta::seconds(s)
+}
+
+fn matrix() -> Matrix {
+    Matrix::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/short-sla.yaml")).unwrap()
+}
+
+fn lane(name: &str, role: &str, roster: &[&str], due: i64) -> LaneState<'static> {
+    LaneState {
+        lane: Cow::Owned(name.into()),
+        level: 0,
+        role: Cow::Owned(role.into()),
+        assignee: Cow::Owned(role.into()),
+        roster: Cow::Owned(roster.iter().map(|s| s.to_string()).collect()),
+        topic: Cow::Owned(format!("approvals.{name}")),
+        sla_due: t(due),
+        verdict: None,
+    }
+}
+
+/// A record pending on finance and customer, with real level-0 packets.
+fn record() -> OwnedPendingRecord {
+    let packet: switchboard::packet::OwnedApprovalRequest = serde_json::from_value(serde_json::json!({
+        "action_id": "a-1", "review": true, "lane": "finance", "review_lanes": ["finance", "customer"],
+        "rules": ["refund-over-threshold"], "escalation_level": 0, "assignee": "finance-approver",
+        "sla_due": "2026-03-01T10:00:02Z", "context": {}, "missing_context": [], "summary": "s",
+        "kind": "refund.issue", "agent_id": "g", "target": {}, "occurred_at": "2026-03-01T10:00:00Z",
+        "enrichment": {"accounts": {"lead": "lena"}}, "matrix_version": "v1",
+        "routed_at": "2026-03-01T10:00:00Z",
+        "decide": {"topic": "approvals.decisions", "lane": "finance", "verdicts": ["approve"],
+                   "roster": ["fran"], "fields": ["action_id"]}
+    }))
+    .unwrap();
+    let mut customer = packet.clone();
+    customer.lane = Some(Cow::Borrowed("customer"));
+    OwnedPendingRecord {
+        action_id: Cow::Borrowed("a-1"),
+        status: Status::Open,
+        revision: 0,
+        matrix_version: Cow::Borrowed("v1"),
+        occurred_at: t(0),
+        routed_at: t(0),
+        lanes: vec![
+            lane("finance", "finance-approver", &["fran"], 2),
+            lane("customer", "customer-owner", &["cora"], 2),
+        ],
+        packets: vec![packet, customer],
+        outcome: None,
+        closed_at: None,
+    }
+}
+
+fn decision(lane: &str, verdict: Verdict, approver: &str) -> Decision {
+    Decision {
+        action_id: "a-1".into(),
+        lane: lane.into(),
+        verdict,
+        approver: approver.into(),
+        comment: None,
+        decided_at: t(1),
+    }
+}
+
+#[test]
+fn approved_only_when_every_lane_approves() {
+    let r = record();
+    let first = escalation::decide(&r, &decision("finance", Verdict::Approve, "fran"), t(1)).unwrap();
+    assert!(first.outcome.is_none());
+    assert_eq!(first.record.revision, 1);
+    let second = escalation::decide(
+        &first.record,
+        &decision("customer", Verdict::Approve, "cora"),
+        t(1),
+    )
+    .unwrap();
+    let outcome = second.outcome.unwrap();
+    assert_eq!(outcome.outcome, OutcomeKind::Approved);
+    assert_eq!(outcome.verdicts.len(), 2);
+    assert_eq!(second.record.status, Status::Closed);
+    assert!(
+        second.record.packets.is_empty(),
+        "closed records drop their packets"
+    );
+}
+
+#[test]
+fn one_rejection_or_request_for_context_ends_it() {
+    let r = record();
+    let rejected = escalation::decide(&r, &decision("customer", Verdict::Reject, "cora"), t(1)).unwrap();
+    assert_eq!(rejected.outcome.unwrap().outcome, OutcomeKind::Rejected);
+    let asked = escalation::decide(&r, &decision("finance", Verdict::NeedsContext, "fran"), t(1)).unwrap();
+    assert_eq!(asked.outcome.unwrap().outcome, OutcomeKind::NeedsContext);
+}
+
+#[test]
+fn refusals() {
+    let r = record();
+    let refuse = |r: &OwnedPendingRecord, d: Decision| escalation::decide(r, &d, t(1)).unwrap_err();
+    assert_eq!(
+        refuse(&r, decision("finance", Verdict::Approve, "mallory")),
+        Refusal::NotOnRoster
+    );
+    assert_eq!(
+        refuse(&r, decision("finance", Verdict::Approve, "cora")),
+        Refusal::NotOnRoster
+    );
+    assert_eq!(
+        refuse(&r, decision("security", Verdict::Approve, "fran")),
+        Refusal::WrongLane
+    );
+    let once = escalation::decide(&r, &decision("finance", Verdict::Approve, "fran"), t(1)).unwrap();
+    assert_eq!(
+        refuse(&once.record, decision("finance", Verdict::Reject, "fran")),
+        Refusal::AlreadyDecided
+    );
+    let closed = escalation::decide(&r, &decision("finance", Verdict::Reject, "fran"), t(1)).unwrap();
+    assert_eq!(
+        refuse(&closed.record, decision("customer", Verdict::Approve, "cora")),
+        Refusal::NotPending
+    );
+}
+
+#[test]
+fn the_chain_is_walked_then_expires() {
+    let m = matrix();
+    let r = record();
+    // finance: finance-approver → finance-lead → manager (lane), each 2 s.
+    let one = escalation::fire(&r, 0, &m, t(2));
+    let (topic, packet) = &one.packets[0];
+    assert_eq!(topic, "approvals.finance");
+    assert_eq!(packet.escalation_level, Some(1));
+    assert_eq!(packet.assignee.as_deref(), Some("finance-lead"));
+    assert_eq!(
+        packet.sla_due,
+        Some(t(4)),
+        "each step starts its own SLA when it fires"
+    );
+    assert_eq!(
+        one.escalation,
+        Some(("finance-approver".into(), "finance-lead".into()))
+    );
+    assert!(one.record.lanes[0].may_decide("fiona"));
+    assert!(!one.record.lanes[0].may_decide("fran"));
+    let two = escalation::fire(&one.record, 0, &m, t(4));
+    assert_eq!(two.packets[0].0, "approvals.manager");
+    assert_eq!(two.packets[0].1.lane.as_deref(), Some("finance"));
+    assert_eq!(two.record.lanes[0].level, 2);
+    assert!(two.record.lanes[0].may_decide("morgan"));
+    let end = escalation::fire(&two.record, 0, &m, t(6));
+    assert!(end.packets.is_empty());
+    let outcome = end.outcome.unwrap();
+    assert_eq!(outcome.outcome, OutcomeKind::Expired);
+    assert_eq!(outcome.expired_lane.as_deref(), Some("finance"));
+}
+
+#[test]
+fn assignees_resolve_from_enrichment() {
+    let m = matrix();
+    let r = record();
+    let step = escalation::fire(&r, 1, &m, t(2));
+    assert_eq!(step.packets[0].1.assignee.as_deref(), Some("lena"));
+    assert!(step.record.lanes[1].may_decide("lena"));
+    // Without the directory record the role name is shown, and only the roster decides.
+    let mut bare = record();
+    bare.packets[1].enrichment = Cow::Owned(Default::default());
+    let step = escalation::fire(&bare, 1, &m, t(2));
+    assert_eq!(step.packets[0].1.assignee.as_deref(), Some("account-lead"));
+    assert!(!step.record.lanes[1].may_decide("account-lead"));
+}
+
+#[test]
+fn a_lane_missing_from_the_live_matrix_fails_closed() {
+    let m = matrix();
+    let mut r = record();
+    r.lanes[0].lane = Cow::Borrowed("legal");
+    let end = escalation::fire(&r, 0, &m, t(2));
+    assert_eq!(end.outcome.unwrap().outcome, OutcomeKind::Expired);
+}
+
+#[test]
+fn allowed_actions_are_approved_without_verdicts() {
+    let mut r = record();
+    r.status = Status::Allowed;
+    r.lanes.clear();
+    let done = escalation::allow(&r, t(0));
+    let outcome = done.outcome.unwrap();
+    assert_eq!(outcome.outcome, OutcomeKind::Approved);
+    assert!(outcome.verdicts.is_empty());
+    assert_eq!(done.record.status, Status::Closed);
+}
+
+#[test]
+fn timers_pop_in_due_order_and_only_when_due() {
+    let mut timers = Timers::default();
+    let mut a = record();
+    a.lanes[0].sla_due = t(5);
+    a.lanes[1].sla_due = t(3);
+    timers.schedule(&a);
+    let mut b = record();
+    b.action_id = Cow::Borrowed("b");
+    b.lanes[0].verdict = Some(switchboard::decision::LaneVerdict {
+        verdict: Verdict::Approve,
+        approver: "fran".into(),
+        decided_at: t(0),
+        comment: None,
+    });
+    b.lanes[1].sla_due = t(4);
+    timers.schedule(&b);
+    assert_eq!(timers.len(), 3, "decided lanes are not scheduled");
+    assert_eq!(timers.next_due(), Some(t(3)));
+    assert!(timers.pop_due(t(2)).is_none());
+    let order: Vec<(DateTime<Utc>, String, usize)> = std::iter::from_fn(|| timers.pop_due(t(10))).collect();
+    assert_eq!(
+        order,
+        vec![
+            (t(3), "a-1".to_string(), 1),
+            (t(4), "b".to_string(), 1),
+            (t(5), "a-1".to_string(), 0)
+        ]
+    );
+    // An entry that no longer matches its record is recognised as stale.
+    assert!(escalation::is_current(&a, t(5), 0));
+    assert!(!escalation::is_current(&a, t(4), 0));
+    assert!(!escalation::is_current(&b, t(0), 0));
+}

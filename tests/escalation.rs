@@ -239,3 +239,28 @@ fn timers_pop_in_due_order_and_only_when_due() {
     assert!(!escalation::is_current(&a, t(4), 0));
     assert!(!escalation::is_current(&b, t(0), 0));
 }
+
+#[test]
+fn decisions_decode_from_json_and_framed_avro() {
+    use switchboard::decode::{SchemaDir, encode_json_as_avro, frame};
+    let schemas = SchemaDir::bundled();
+    let json = serde_json::json!({"action_id": "a-1", "lane": "finance", "verdict": "needs_context",
+        "approver": "fran", "comment": "which account?", "decided_at": "2026-03-01T10:00:01Z"});
+    let from_json = Decision::decode(json.to_string().as_bytes(), &schemas).unwrap();
+    assert_eq!(from_json.verdict, Verdict::NeedsContext);
+    assert_eq!(from_json.decided_at, t(1));
+    let schema = apache_avro::Schema::parse_str(include_str!("../schemas/decision.avsc")).unwrap();
+    let avro = frame(2, &encode_json_as_avro(&schema, &json).unwrap());
+    assert_eq!(Decision::decode(&avro, &schemas).unwrap(), from_json);
+    // Not decisions: refused with a reason, never a panic.
+    for bad in [
+        &b"not json"[..],
+        br#"{"action_id":"a","lane":"l","verdict":"maybe","approver":"x","decided_at":"2026-03-01T10:00:01Z"}"#,
+        br#"{"action_id":"a","lane":"l","verdict":"approve","approver":" ","decided_at":"2026-03-01T10:00:01Z"}"#,
+        br#"{"action_id":"a","lane":"l","verdict":"approve","approver":"x"}"#,
+        &[0, 0, 0, 0, 9, 1, 2][..],
+        &[0, 0][..],
+    ] {
+        assert!(Decision::decode(bad, &schemas).is_err(), "{bad:?}");
+    }
+}

@@ -81,9 +81,13 @@ impl ConsumerContext for StageContext {
     }
 }
 
-/// A name for this process among the group's instances: the host (a pod
-/// name on Kubernetes) and the pid, so instances on one machine differ.
+/// A name for this stage instance among the group's: the host (a pod name
+/// on Kubernetes), the pid, and a counter, so instances on one machine or in
+/// one process never share a transactional id. Zombies are fenced by the
+/// consumer group generation that transactions carry (KIP-447), not by id.
 pub fn instance_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{host}-{}", std::process::id())
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{host}-{}-{n}", std::process::id())
 }

@@ -369,3 +369,65 @@ async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
         1
     );
 }
+
+/// Two escalation instances share the partitions; one stops mid-SLA and
+/// the other takes its approvals over: every due step fires exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 6)]
+async fn a_partition_moved_to_another_instance_keeps_its_timers() {
+    let broker = Broker::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let with_stage = |stage: Stage| {
+        let mut b = broker.config.clone();
+        b.stage = stage;
+        b
+    };
+    let spawn = |config: Config, metrics: Metrics| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = tokio::spawn(run_with_clock(config, metrics, stop.clone(), clock.clone()));
+        (Stop(stop), handle)
+    };
+    let (route_stop, route) = spawn(with_stage(Stage::Route), Metrics::new());
+    let (a_stop, a) = spawn(with_stage(Stage::Escalate), Metrics::new());
+    let (b_stop, b) = spawn(with_stage(Stage::Escalate), Metrics::new());
+
+    let ids: Vec<String> = (0..12).map(|i| format!("refund-{i}")).collect();
+    for id in &ids {
+        broker.action(id, json!({"kind": "refund.issue", "signals": {"amount": "500"}}));
+    }
+    broker.wait_for("every packet", |b| {
+        ids.iter().all(|id| b.values("approvals.finance", id).len() == 1)
+    });
+    // Both instances hold approvals before one of them goes away.
+    let marker = "marker-0";
+    broker.action(
+        marker,
+        json!({"kind": "refund.issue", "signals": {"amount": "5"}}),
+    );
+    broker.wait_for("the instances to be working", |b| b.outcome(marker).is_some());
+
+    a_stop.store(true, Ordering::Relaxed);
+    a.await.expect("joined").expect("instance a stops cleanly");
+    clock.advance(TimeDelta::seconds(3));
+    broker.wait_for("every approval escalated by the survivor", |b| {
+        ids.iter().all(|id| b.values("approvals.finance", id).len() == 2)
+    });
+    // One more step for every approval, and no step twice.
+    clock.advance(TimeDelta::seconds(3));
+    broker.wait_for("the manager step", |b| {
+        ids.iter().all(|id| b.values("approvals.manager", id).len() == 1)
+    });
+    for id in &ids {
+        let finance = broker.values("approvals.finance", id);
+        let levels: Vec<i64> = finance
+            .iter()
+            .map(|p| p["escalation_level"].as_i64().unwrap())
+            .collect();
+        assert_eq!(levels, vec![0, 1], "{id}");
+        assert_eq!(broker.values("approvals.manager", id).len(), 1, "{id}");
+        assert!(broker.outcome(id).is_none(), "{id} still pending at the manager");
+    }
+    b_stop.store(true, Ordering::Relaxed);
+    route_stop.store(true, Ordering::Relaxed);
+    b.await.expect("joined").expect("instance b stops cleanly");
+    route.await.expect("joined").expect("route stops cleanly");
+}

@@ -93,7 +93,9 @@ pub fn producer_config(config: &Config, transactional_id: Option<&str>) -> Clien
     c.set("partitioner", "murmur2_random");
     if let Some(id) = transactional_id {
         c.set("transactional.id", id);
-        c.set("transaction.timeout.ms", "60000");
+        // Bounds how long a killed instance's open transaction can hold back
+        // read_committed readers; a batch commits in milliseconds.
+        c.set("transaction.timeout.ms", "10000");
     }
     for (k, v) in &config.kafka {
         c.set(k, v);

@@ -431,3 +431,89 @@ async fn a_partition_moved_to_another_instance_keeps_its_timers() {
     b.await.expect("joined").expect("instance b stops cleanly");
     route.await.expect("joined").expect("route stops cleanly");
 }
+
+/// A `switchboard run` child process, killed with SIGKILL on drop if still running.
+struct Child(std::process::Child);
+
+impl Child {
+    fn spawn(broker: &Broker) -> Child {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["run", "--stage", "all", "--metrics-addr", "", "--partitions", "2"])
+            .args([
+                "--kafka",
+                "session.timeout.ms=6000",
+                "--kafka",
+                "heartbeat.interval.ms=500",
+            ])
+            .env("SWITCHBOARD_BOOTSTRAP_SERVERS", &broker.config.bootstrap_servers)
+            .env("SWITCHBOARD_MATRIX", &broker.config.matrix_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("switchboard starts");
+        Child(child)
+    }
+
+    fn kill9(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGKILL mid-SLA, twice: each due step still fires exactly once, on the
+/// real clock with SLAs of seconds.
+#[test]
+fn sigkill_mid_sla_neither_loses_nor_repeats_a_step() {
+    let broker = Broker::new();
+    // The SLA clock starts at occurred_at: a few seconds ahead, so the first
+    // process has time to join its group and route before the SLA passes.
+    let now = (Utc::now() + TimeDelta::seconds(6)).to_rfc3339();
+    let mut first = Child::spawn(&broker);
+    let ids: Vec<String> = (0..6).map(|i| format!("k-{i}")).collect();
+    for id in &ids {
+        broker.action(
+            id,
+            json!({"kind": "refund.issue", "occurred_at": now, "signals": {"amount": "500"}}),
+        );
+    }
+    broker.wait_for("the level-0 packets", |b| {
+        ids.iter().all(|id| b.values("approvals.finance", id).len() == 1)
+    });
+    broker.wait_for("the pending records", |b| {
+        ids.iter()
+            .all(|id| !b.values("switchboard.pending", id).is_empty())
+    });
+    first.kill9();
+
+    // The SLA (2 s) passes while a new process starts and restores.
+    let mut second = Child::spawn(&broker);
+    broker.wait_for("the first escalation of every approval", |b| {
+        ids.iter().all(|id| b.values("approvals.finance", id).len() == 2)
+    });
+    second.kill9();
+
+    let _third = Child::spawn(&broker);
+    broker.wait_for("the manager step of every approval", |b| {
+        ids.iter().all(|id| b.values("approvals.manager", id).len() == 1)
+    });
+    for id in &ids {
+        let levels: Vec<i64> = broker
+            .values("approvals.finance", id)
+            .iter()
+            .map(|p| p["escalation_level"].as_i64().unwrap())
+            .collect();
+        assert_eq!(levels, vec![0, 1], "{id}: no step lost or repeated");
+    }
+}

@@ -76,6 +76,12 @@ pub struct Sink {
     producer: BaseProducer<DeliveryTracker>,
     guarantee: Guarantee,
     timeout: Duration,
+    /// The pending changelog, whose records say an action was handled. At
+    /// least once, they are written only after every other output of the
+    /// batch is acknowledged: a crash in between leaves outputs without
+    /// their record (the action is handled again), never a record without
+    /// its outputs (a redelivery taken for a duplicate, its packet lost).
+    changelog: String,
 }
 
 impl Sink {
@@ -90,6 +96,7 @@ impl Sink {
             producer,
             guarantee: config.guarantee,
             timeout: Duration::from_secs(30),
+            changelog: config.topics.pending.clone(),
         };
         if sink.guarantee == Guarantee::ExactlyOnce {
             sink.producer.init_transactions(sink.timeout)?;
@@ -108,7 +115,10 @@ impl Sink {
         match self.guarantee {
             Guarantee::ExactlyOnce => self.write_transaction(outputs, offsets, consumer),
             Guarantee::AtLeastOnce => {
-                self.write_acknowledged(outputs, stop)?;
+                let (changelog, rest): (Vec<&Output>, Vec<&Output>) =
+                    outputs.iter().partition(|o| o.topic == self.changelog);
+                self.write_acknowledged(&rest, stop)?;
+                self.write_acknowledged(&changelog, stop)?;
                 if offsets.count() == 0 {
                     return Ok(());
                 }
@@ -178,12 +188,15 @@ impl Sink {
     /// Sends every output and waits until each one is acknowledged, sending
     /// failed ones again with backoff. Never gives up while the broker is
     /// away: offsets must not move past unwritten outputs.
-    fn write_acknowledged(&self, outputs: &[Output], stop: &AtomicBool) -> Result<(), SinkError> {
+    fn write_acknowledged(&self, outputs: &[&Output], stop: &AtomicBool) -> Result<(), SinkError> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
         let mut pending: Vec<usize> = (0..outputs.len()).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
             for &index in &pending {
-                if let Err(e) = self.send(&outputs[index], index) {
+                if let Err(e) = self.send(outputs[index], index) {
                     tracing::warn!(error = %e, "produce failed; will retry");
                     self.take_failures();
                     std::thread::sleep(backoff);

@@ -1,0 +1,842 @@
+//! The route stage on Kafka (issue "route stage on real Kafka"): real
+//! librdkafka clients against librdkafka's in-process mock cluster, which
+//! speaks the real protocol, transactions included. Each test has a cluster
+//! of its own, so tests run in parallel; every wait has a deadline.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use switchboard::config::Guarantee;
+use switchboard::enrich::Directory;
+use switchboard::matrix::Matrix;
+use switchboard::metrics::Metrics;
+
+/// Records over this size go to the DLQ in the tests that send such records.
+const MAX_RECORD_BYTES: usize = 8 * 1024;
+
+/// ~200 records: valid samples (JSON and Avro, some without a key) with
+/// invalid records of every kind in between, routed with `max_events`; then
+/// every output topic is read back with a read_committed reader.
+fn routes_a_mixed_batch(guarantee: Guarantee) {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), guarantee);
+    config.max_record_bytes = MAX_RECORD_BYTES;
+    kafka.create_topics(&config, &matrix);
+
+    let valid = valid_cases("mix", 182);
+    let invalid = invalid_cases("mix", MAX_RECORD_BYTES);
+    let (n_valid, n_invalid) = (valid.len(), invalid.len());
+    let cases = interleave(valid, invalid);
+    let n = cases.len();
+    send_cases(&kafka.bootstrap(), &config.topics.actions, &cases);
+
+    config.max_events = Some(n as u64);
+    let metrics = Metrics::new();
+    let summary = run_stage(config.clone(), metrics.clone(), Duration::from_secs(60));
+    assert_eq!(summary.handled, n as u64, "{summary:?}");
+    assert_eq!(summary.dead, n_invalid as u64, "{summary:?}");
+    assert_eq!(summary.routed + summary.allowed, n_valid as u64, "{summary:?}");
+    assert_eq!(summary.duplicates, 0, "{summary:?}");
+
+    let inputs = read(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), n, "every input is on the topic");
+    let outputs = Outputs::read(&config, &matrix);
+    let versions = check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &cases,
+        &inputs,
+        &outputs,
+    );
+    assert_eq!(versions.len(), n_valid);
+
+    // The metrics agree with the topics.
+    assert_eq!(
+        metrics
+            .events_consumed_total
+            .with_label_values(&[config.topics.actions.as_str()])
+            .get(),
+        n as u64
+    );
+    assert_eq!(metrics.events_allowed_total.get(), summary.allowed);
+    let mut by_reason: BTreeMap<&str, u64> = BTreeMap::new();
+    for c in &cases {
+        if let Expect::Dead(reason) = c.expect {
+            *by_reason.entry(reason).or_default() += 1;
+        }
+    }
+    for (reason, count) in by_reason {
+        assert_eq!(
+            metrics.dead_letters_total.with_label_values(&[reason]).get(),
+            count,
+            "dead_letters_total{{reason={reason}}}"
+        );
+    }
+    if guarantee == Guarantee::ExactlyOnce {
+        assert!(metrics.transactions_total.with_label_values(&["commit"]).get() > 0);
+        assert_eq!(metrics.transactions_total.with_label_values(&["abort"]).get(), 0);
+    }
+    // The group's offsets are at the end of every partition. (The mock
+    // cluster acknowledges TxnOffsetCommit without storing the offsets, so
+    // only plain commits can be read back there.)
+    if guarantee == Guarantee::AtLeastOnce {
+        let committed = committed_offsets(&config, &config.group_id, &config.topics.actions);
+        for (partition, end) in end_offsets(&inputs) {
+            assert_eq!(
+                committed.get(&partition),
+                Some(&end),
+                "committed offset of partition {partition}"
+            );
+        }
+    }
+}
+
+#[test]
+fn exactly_once_routes_every_record_to_exactly_one_destination() {
+    routes_a_mixed_batch(Guarantee::ExactlyOnce);
+}
+
+#[test]
+fn at_least_once_routes_every_record_to_exactly_one_destination() {
+    routes_a_mixed_batch(Guarantee::AtLeastOnce);
+}
+
+/// The same action_id twice on one partition and once more on another (in
+/// its other encoding), then a restart of the stage in the same group and the same actions
+/// once more: no action ever gets a second packet on any lane, and every
+/// copy is counted as a duplicate.
+#[test]
+fn a_redelivered_action_never_opens_a_second_approval() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::ExactlyOnce);
+    quick_rejoin(&mut config);
+    kafka.create_topics(&config, &matrix);
+    let actions = &config.topics.actions;
+
+    let originals = valid_cases("redo", 20);
+    let fresh_1 = valid_cases("redo-fresh", 10);
+    let mut wave_1 = Vec::new();
+    for (i, c) in originals.iter().enumerate() {
+        wave_1.push(c.clone().on(0));
+        if i % 2 == 0 {
+            // Right behind the original, likely in the same batch.
+            wave_1.push(c.clone().on(0));
+        }
+    }
+    for (i, c) in originals.iter().enumerate() {
+        if i % 2 == 1 {
+            wave_1.push(c.clone().on(0));
+        }
+    }
+    for c in &originals {
+        // The same action in the other encoding, on another partition.
+        wave_1.push(other_encoding(c).on(1));
+    }
+    wave_1.extend(fresh_1.iter().cloned());
+    send_cases(&kafka.bootstrap(), actions, &wave_1);
+
+    let mut first = config.clone();
+    first.max_events = Some(wave_1.len() as u64);
+    if std::env::var("DBG").is_ok() {
+        first.kafka.push(("debug".into(), "cgrp".into()));
+    }
+    let metrics = Metrics::new();
+    let summary = run_stage(first, metrics.clone(), Duration::from_secs(60));
+    let duplicates_1 = (wave_1.len() - originals.len() - fresh_1.len()) as u64;
+    assert_eq!(summary.duplicates, duplicates_1, "{summary:?}");
+    assert_eq!(metrics.duplicates_total.get(), duplicates_1);
+    assert_eq!(
+        summary.routed + summary.allowed,
+        (originals.len() + fresh_1.len()) as u64
+    );
+    let inputs = read(&config, &[actions]);
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &wave_1,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+
+    // The agents retry everything after the restart, and send a few new ones.
+    let fresh_2 = valid_cases("redo-late", 5);
+    let mut wave_2: Vec<Case> = originals.iter().map(|c| c.clone().on(2)).collect();
+    wave_2.extend(fresh_1.iter().map(other_encoding));
+    wave_2.extend(fresh_2.iter().cloned());
+    send_cases(&kafka.bootstrap(), actions, &wave_2);
+
+    // A new stage in the same group resumes from the committed offsets.
+    let inputs = read(&config, &[actions]);
+    let committed: i64 = committed_offsets(&config, &config.group_id, actions)
+        .values()
+        .sum();
+    let remaining = inputs.len() as u64 - committed as u64;
+    let mut second = config.clone();
+    second.max_events = Some(remaining);
+    let metrics = Metrics::new();
+    let summary = run_stage(second, metrics.clone(), Duration::from_secs(60));
+    assert_eq!(summary.handled, remaining);
+    assert_eq!(
+        summary.routed + summary.allowed,
+        fresh_2.len() as u64,
+        "only new actions are routed: {summary:?}"
+    );
+    assert_eq!(metrics.duplicates_total.get(), remaining - fresh_2.len() as u64);
+
+    let all: Vec<Case> = wave_1.into_iter().chain(wave_2).collect();
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &all,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+}
+
+/// The same case as Avro when it was JSON, and as JSON when it was Avro.
+fn other_encoding(case: &Case) -> Case {
+    let payload = case.payload.as_deref().expect("a valid case");
+    let id = case.action_id().expect("a valid case");
+    let json = if payload.first() == Some(&b'{') {
+        serde_json::from_slice::<serde_json::Value>(payload).unwrap()
+    } else {
+        let sample = samples()
+            .into_iter()
+            .find(|(name, _)| id.ends_with(name.as_str()))
+            .expect("ids end with the sample's name")
+            .1;
+        with_id(&sample, id)
+    };
+    let mut other = case.clone();
+    other.payload = Some(if payload.first() == Some(&b'{') {
+        avro(&json)
+    } else {
+        json.to_string().into_bytes()
+    });
+    other
+}
+
+const ENRICH_MATRIX: &str = r#"
+description: Enrichment under test.
+directory:
+  accounts:
+    key: target.account_id
+lanes:
+  key-accounts:
+    sla: 1h
+    owner: key-account-desk
+    roster: [vera]
+    context:
+      account: [enrichment.accounts.name, target.account_id]
+    optional_context:
+      tier: enrichment.accounts.tier
+      lead: enrichment.accounts.lead
+    escalation:
+      - assignee: account-lead
+        from: enrichment.accounts.lead
+  ops:
+    sla: 30m
+    owner: ops-oncall
+    roster: [otto]
+rules:
+  - name: enterprise-account
+    lane: key-accounts
+    when:
+      enrichment.accounts.tier: enterprise
+  - name: config-change
+    lane: ops
+    when:
+      kind: config.change
+"#;
+
+fn account_action(id: &str, account: &str) -> Vec<u8> {
+    serde_json::json!({
+        "action_id": id,
+        "occurred_at": "2026-01-01T09:00:00Z",
+        "agent_id": "support-agent",
+        "kind": "ticket.update",
+        "summary": "Close the ticket",
+        "target": {"system": "helpdesk", "account_id": account}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A `directory.accounts` record produced before the run is joined onto the
+/// packet and fires a rule on `enrichment.accounts.tier`; records produced
+/// while the stage runs (a new account, a changed one) are used for later
+/// actions.
+#[test]
+fn directory_records_enrich_packets_and_fire_rules() {
+    let kafka = MockKafka::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("matrix.yaml");
+    std::fs::write(&path, ENRICH_MATRIX).unwrap();
+    let matrix = Matrix::load(&path).expect("the test matrix is valid");
+    let config = route_config(&kafka.bootstrap(), &path, Guarantee::ExactlyOnce);
+    kafka.create_topics(&config, &matrix);
+    let accounts = "directory.accounts";
+    let vip = "approvals.key-accounts";
+    let allowed = config.topics.allowed.clone();
+    let actions = config.topics.actions.clone();
+
+    kafka.produce(
+        accounts,
+        Some(b"acct-1"),
+        Some(br#"{"name": "Initech", "tier": "enterprise", "lead": "lena"}"#),
+    );
+    kafka.produce(
+        accounts,
+        Some(b"acct-9"),
+        Some(br#"{"name": "Globex", "tier": "standard", "lead": "gil"}"#),
+    );
+    for (id, account) in [("e-1", "acct-1"), ("e-9", "acct-9"), ("e-3", "acct-3")] {
+        kafka.produce(&actions, Some(id.as_bytes()), Some(&account_action(id, account)));
+    }
+
+    let stage = StageThread::start(config.clone(), Metrics::new());
+    let mut tail = Tail::new(&config, &[vip, "approvals.ops", &allowed]);
+    assert!(
+        tail.until(deadline(30), |records| ["e-1", "e-9", "e-3"]
+            .iter()
+            .all(|id| has_key(records, id))),
+        "the first actions are routed"
+    );
+    // Known before the run: joined, and the tier rule fires.
+    let e1: Vec<_> = tail.keyed("e-1").collect();
+    assert_eq!(e1.len(), 1, "one output for e-1");
+    assert_eq!(e1[0].topic, vip);
+    let p = json(e1[0]);
+    assert_eq!(
+        p["enrichment"]["accounts"],
+        serde_json::json!({"name": "Initech", "tier": "enterprise", "lead": "lena"})
+    );
+    assert_eq!(p["rules"], serde_json::json!(["enterprise-account"]));
+    assert_eq!(p["lane"], "key-accounts");
+    assert_eq!(p["context"]["account"], "Initech");
+    assert_eq!(p["context"]["tier"], "enterprise");
+    assert_eq!(p["context"]["lead"], "lena");
+    assert_eq!(p["matrix_version"], matrix.version.as_str());
+    // Known but not enterprise: joined, allowed.
+    let e9: Vec<_> = tail.keyed("e-9").collect();
+    assert_eq!((e9.len(), e9[0].topic.as_str()), (1, allowed.as_str()));
+    assert_eq!(json(e9[0])["enrichment"]["accounts"]["tier"], "standard");
+    // Unknown: nothing joined, allowed.
+    let e3: Vec<_> = tail.keyed("e-3").collect();
+    assert_eq!((e3.len(), e3[0].topic.as_str()), (1, allowed.as_str()));
+    assert_eq!(json(e3[0])["enrichment"], serde_json::json!({}));
+
+    // A new account while the stage runs: the directory feed is asynchronous,
+    // so actions are sent until one is routed with it; every later one is.
+    let producer = Producer::new(&kafka.bootstrap());
+    producer.send(
+        accounts,
+        None,
+        Some(b"acct-2"),
+        Some(br#"{"name": "Umbrella", "tier": "enterprise", "lead": "uma"}"#),
+    );
+    producer.flush();
+    let first = route_until(&producer, &mut tail, &actions, "new", "acct-2", |r| {
+        r.topic == vip
+    });
+    assert_eq!(json(&first)["enrichment"]["accounts"]["name"], "Umbrella");
+    for i in 0..3 {
+        let r = route_one(
+            &producer,
+            &mut tail,
+            &actions,
+            &format!("new-after-{i}"),
+            "acct-2",
+        );
+        assert_eq!(r.topic, vip, "later actions use the new record");
+        assert_eq!(json(&r)["context"]["account"], "Umbrella");
+    }
+
+    // A changed account: later actions see the new tier.
+    producer.send(
+        accounts,
+        None,
+        Some(b"acct-1"),
+        Some(br#"{"name": "Initech", "tier": "standard", "lead": "lena"}"#),
+    );
+    producer.flush();
+    route_until(&producer, &mut tail, &actions, "changed", "acct-1", |r| {
+        r.topic == allowed
+    });
+    let r = route_one(&producer, &mut tail, &actions, "changed-after", "acct-1");
+    assert_eq!(r.topic, allowed);
+    assert_eq!(json(&r)["enrichment"]["accounts"]["tier"], "standard");
+
+    stage.stop(Duration::from_secs(30));
+}
+
+fn has_key(records: &[switchboard::changelog::ReadRecord], key: &str) -> bool {
+    records.iter().any(|r| r.key.as_deref() == Some(key.as_bytes()))
+}
+
+/// Sends one action for `account` and returns its one output.
+fn route_one(
+    producer: &Producer,
+    tail: &mut Tail,
+    actions: &str,
+    id: &str,
+    account: &str,
+) -> switchboard::changelog::ReadRecord {
+    producer.send(
+        actions,
+        None,
+        Some(id.as_bytes()),
+        Some(&account_action(id, account)),
+    );
+    producer.flush();
+    assert!(
+        tail.until(deadline(20), |records| has_key(records, id)),
+        "{id} is routed"
+    );
+    let out: Vec<_> = tail.keyed(id).cloned().collect();
+    assert_eq!(out.len(), 1, "{id} has one output: {out:?}");
+    out.into_iter().next().unwrap()
+}
+
+/// Sends actions `{prefix}-0`, `{prefix}-1`… for `account` until one's
+/// output satisfies `done` (within 20 s); returns that output.
+fn route_until(
+    producer: &Producer,
+    tail: &mut Tail,
+    actions: &str,
+    prefix: &str,
+    account: &str,
+    done: impl Fn(&switchboard::changelog::ReadRecord) -> bool,
+) -> switchboard::changelog::ReadRecord {
+    let until = deadline(20);
+    for i in 0.. {
+        let r = route_one(producer, tail, actions, &format!("{prefix}-{i}"), account);
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{prefix}: the directory change is never used"
+        );
+    }
+    unreachable!()
+}
+
+/// Writes `text` to `path` the way editors and Kubernetes do: a new file
+/// renamed over the old, so a reader never sees half a file.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Under a steady stream of actions, the matrix file is rewritten several
+/// times, alternating a valid changed matrix (other SLAs, a higher refund
+/// threshold) and invalid ones. Every action is routed wholly by one valid
+/// version (its packets, lanes, rules and SLAs all agree with it), both
+/// versions serve, the invalid ones are refused and counted, and nothing is
+/// lost or doubled.
+#[test]
+fn hot_reload_under_load_routes_each_action_by_one_valid_version() {
+    let kafka = MockKafka::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("matrix.yaml");
+    let default = std::fs::read_to_string(default_matrix_path()).unwrap();
+    // The inline cases are for `switchboard check`; v2 would fail some.
+    let v1_text = default.split("\ntests:").next().unwrap().to_string();
+    let refund = "      kind: [refund.issue, credit.issue]\n      signals.amount: {above: 100}";
+    assert!(v1_text.contains(refund), "the default matrix has the refund rule");
+    let v2_text = v1_text
+        .replace(refund, &refund.replace("{above: 100}", "{above: 5000}"))
+        .replace("sla: 2h", "sla: 3h")
+        .replace("sla: 15m", "sla: 20m");
+    let invalid_syntax = format!("{v1_text}\n  - name: [unclosed\n");
+    let invalid_lane = v2_text.replace("lane: finance", "lane: treasury");
+    let v1 = Matrix::parse(&v1_text, "v1").expect("v1 is valid");
+    let v2 = Matrix::parse(&v2_text, "v2").expect("v2 is valid");
+    assert_ne!(v1.version, v2.version);
+    assert!(Matrix::parse(&invalid_syntax, "bad").is_err());
+    assert!(Matrix::parse(&invalid_lane, "bad").is_err());
+    std::fs::write(&path, &v1_text).unwrap();
+
+    let config = route_config(&kafka.bootstrap(), &path, Guarantee::ExactlyOnce);
+    kafka.create_topics(&config, &v1);
+    let metrics = Metrics::new();
+    let stage = StageThread::start(config.clone(), metrics.clone());
+
+    // A steady stream of actions until told to stop.
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let producing = producing.clone();
+        let bootstrap = kafka.bootstrap();
+        let topic = config.topics.actions.clone();
+        std::thread::spawn(move || {
+            let producer = Producer::new(&bootstrap);
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while producing.load(Ordering::Relaxed) {
+                for case in valid_cases(&format!("load-{i}"), 10) {
+                    producer.send(&topic, None, case.key.as_deref(), case.payload.as_deref());
+                    sent.push(case);
+                }
+                producer.flush();
+                i += 1;
+                // A steady rate, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+    };
+
+    let pending_topic = config.topics.pending.clone();
+    let mut tail = Tail::new(&config, &[&pending_topic]);
+    let with_version = |records: &[switchboard::changelog::ReadRecord], version: &str| {
+        records
+            .iter()
+            .filter(|r| json(r)["matrix_version"] == version)
+            .count()
+    };
+    let reloads = |result: &str| metrics.matrix_reloads_total.with_label_values(&[result]).get();
+    assert!(
+        tail.until(deadline(30), |r| with_version(r, &v1.version) >= 20),
+        "v1 serves"
+    );
+
+    let steps: [(&str, &str); 6] = [
+        (&invalid_syntax, "error"),
+        (&v2_text, "ok"),
+        (&invalid_lane, "error"),
+        (&v1_text, "ok"),
+        (&invalid_syntax, "error"),
+        (&v2_text, "ok"),
+    ];
+    let (mut ok, mut error) = (0, 0);
+    for (text, result) in steps {
+        let serving = if result == "ok" {
+            let (new, old) = if *text == v2_text { (&v2, &v1) } else { (&v1, &v2) };
+            Some((new, with_version(&tail.records, &new.version), old))
+        } else {
+            None
+        };
+        replace_file(&path, text);
+        if result == "ok" {
+            ok += 1;
+        } else {
+            error += 1;
+        }
+        wait_for(
+            deadline(20),
+            &format!("reload #{} ({result})", ok + error),
+            || reloads("ok") >= ok && reloads("error") >= error,
+        );
+        assert_eq!(reloads("ok"), ok, "only valid versions are swapped in");
+        if let Some((new, before, _old)) = serving {
+            assert!(
+                tail.until(deadline(20), |r| with_version(r, &new.version) >= before + 10),
+                "the new version serves under load"
+            );
+        }
+    }
+
+    producing.store(false, Ordering::Relaxed);
+    let sent = producer.join().expect("the producer thread");
+    assert!(
+        tail.until(deadline(30), |r| r.len() >= sent.len()),
+        "every action is routed ({} sent)",
+        sent.len()
+    );
+    stage.stop(Duration::from_secs(30));
+
+    let versions = BTreeMap::from([(v1.version.clone(), v1.clone()), (v2.version.clone(), v2.clone())]);
+    let inputs = read(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    let used = check_outputs(
+        &config,
+        &versions,
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read(&config, &v1),
+    );
+    let by_version: BTreeSet<&String> = used.values().collect();
+    assert_eq!(by_version.len(), 2, "both versions routed actions");
+    assert!(reloads("error") >= 3);
+    assert_eq!(
+        metrics
+            .matrix_info
+            .with_label_values(&[v2.version.as_str()])
+            .get(),
+        1,
+        "matrix_info names the live version"
+    );
+}
+
+/// `switchboard run` as operators start it: configured by SWITCHBOARD_*
+/// variables and one `--kafka` pass-through flag. While it runs, /metrics
+/// has every route-stage metric that has been touched and /readyz says
+/// ready; it exits 0 once `--max-events` records are handled.
+#[test]
+fn switchboard_run_from_the_environment_serves_metrics_and_exits_at_max_events() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::ExactlyOnce);
+    kafka.create_topics(&config, &matrix);
+    let invalid: Vec<Case> = invalid_cases("env", switchboard::decode::DEFAULT_MAX_RECORD_BYTES)
+        .into_iter()
+        .filter(|c| matches!(c.expect, Expect::Dead("bad_json" | "unknown_schema")))
+        .collect();
+    let first = interleave(valid_cases("env", 30), invalid);
+    let second = valid_cases("env-late", 10);
+    let total = first.len() + second.len();
+    send_cases(&kafka.bootstrap(), &config.topics.actions, &first);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = switchboard_command();
+    cmd.args(["run", "--kafka", "statistics.interval.ms=500"])
+        .env("SWITCHBOARD_BOOTSTRAP_SERVERS", kafka.bootstrap())
+        .env("SWITCHBOARD_MATRIX", default_matrix_path())
+        .env("SWITCHBOARD_STAGE", "route")
+        .env("SWITCHBOARD_GUARANTEE", "exactly-once")
+        .env("SWITCHBOARD_GROUP_ID", "env-group")
+        .env("SWITCHBOARD_METRICS_ADDR", &addr)
+        .env("SWITCHBOARD_MAX_EVENTS", total.to_string())
+        .env("SWITCHBOARD_LOG_FORMAT", "json");
+    let mut proc = Proc::spawn("switchboard-run", cmd);
+
+    wait_for(deadline(30), "/readyz to answer 200", || {
+        http_get(&addr, "/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    let consumed = r#"switchboard_events_consumed_total{topic="agent.actions"}"#;
+    let metrics_up = wait_until(deadline(30), || {
+        let m = scrape(&addr);
+        metric(&m, consumed) == Some(first.len() as f64) && m.contains("switchboard_consumer_lag{")
+    });
+    assert!(
+        metrics_up,
+        "the first records in /metrics, with consumer lag:\n{}",
+        scrape(&addr)
+    );
+    assert!(proc.try_status().is_none(), "still running below --max-events");
+    let m = scrape(&addr);
+    for name in [
+        "switchboard_events_consumed_total{",
+        "switchboard_events_routed_total{lane=",
+        "switchboard_events_allowed_total ",
+        "switchboard_dead_letters_total{reason=\"bad_json\"}",
+        "switchboard_dead_letters_total{reason=\"unknown_schema\"}",
+        "switchboard_duplicates_total ",
+        "switchboard_route_duration_seconds_bucket{",
+        "switchboard_route_duration_seconds_count ",
+        "switchboard_end_to_end_latency_seconds_bucket{",
+        "switchboard_end_to_end_latency_seconds_count ",
+        "switchboard_matrix_info{version=",
+        "switchboard_consumer_lag{partition=",
+        "switchboard_transactions_total{result=\"commit\"}",
+    ] {
+        assert!(m.contains(name), "/metrics has {name}:\n{m}");
+    }
+    assert_eq!(
+        metric(
+            &m,
+            &format!("switchboard_matrix_info{{version=\"{}\"}}", matrix.version)
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric(&m, "switchboard_route_duration_seconds_count").is_some_and(|n| n >= 30.0),
+        "every valid action was timed"
+    );
+    assert!(metric(&m, "switchboard_events_allowed_total").unwrap() > 0.0);
+
+    send_cases(&kafka.bootstrap(), &config.topics.actions, &second);
+    proc.wait_success(Duration::from_secs(30));
+
+    let all: Vec<Case> = first.into_iter().chain(second).collect();
+    let inputs = read(&config, &[&config.topics.actions]);
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &all,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+}
+
+/// SIGTERM while actions keep arriving: the process finishes the batch in
+/// hand and exits 0; what it wrote is committed and whole (each partition's
+/// handled records are a prefix, each routed exactly once), and a restart
+/// in the same group handles the rest without redoing any of it.
+#[test]
+fn sigterm_exits_zero_with_its_committed_work_intact() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::ExactlyOnce);
+    quick_rejoin(&mut config);
+    config.group_id = "term-group".into();
+    kafka.create_topics(&config, &matrix);
+    let first = valid_cases("term", 100);
+    send_cases(&kafka.bootstrap(), &config.topics.actions, &first);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = switchboard_command();
+    cmd.args(["run", "--bootstrap-servers", &kafka.bootstrap(), "--matrix"])
+        .arg(default_matrix_path())
+        .args([
+            "--stage",
+            "route",
+            "--group-id",
+            "term-group",
+            "--metrics-addr",
+            &addr,
+        ])
+        .args([
+            "--kafka",
+            "session.timeout.ms=3000",
+            "--kafka",
+            "heartbeat.interval.ms=300",
+        ]);
+    let mut proc = Proc::spawn("switchboard-run", cmd);
+    let consumed = |addr: &str| {
+        metric(
+            &scrape(addr),
+            r#"switchboard_events_consumed_total{topic="agent.actions"}"#,
+        )
+    };
+    wait_for(deadline(30), "the first records routed", || {
+        consumed(&addr) == Some(first.len() as f64)
+    });
+
+    // More actions keep coming while the signal arrives.
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let producing = producing.clone();
+        let bootstrap = kafka.bootstrap();
+        let topic = config.topics.actions.clone();
+        std::thread::spawn(move || {
+            let producer = Producer::new(&bootstrap);
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while producing.load(Ordering::Relaxed) && i < 100 {
+                for case in valid_cases(&format!("term-{i}"), 5) {
+                    producer.send(&topic, None, case.key.as_deref(), case.payload.as_deref());
+                    sent.push(case);
+                }
+                producer.flush();
+                i += 1;
+                // A steady rate, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sent
+        })
+    };
+    wait_for(deadline(30), "records of the stream routed", || {
+        consumed(&addr).is_some_and(|n| n >= first.len() as f64 + 20.0)
+    });
+    proc.signal("TERM");
+    proc.wait_success(Duration::from_secs(30));
+    producing.store(false, Ordering::Relaxed);
+    let streamed = producer.join().expect("the producer thread");
+
+    // What the process committed: whole batches, so a prefix of each
+    // partition, every action in it routed exactly once.
+    let all: Vec<Case> = first.iter().cloned().chain(streamed).collect();
+    let inputs = read(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), all.len());
+    let outputs = Outputs::read(&config, &matrix);
+    let handled = |r: &switchboard::changelog::ReadRecord| {
+        let payload = r.payload.as_deref().unwrap();
+        let id = if payload[0] == b'{' {
+            serde_json::from_slice::<serde_json::Value>(payload).unwrap()["action_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        } else {
+            all.iter()
+                .find(|c| c.payload.as_deref() == Some(payload))
+                .and_then(|c| c.action_id())
+                .unwrap()
+                .to_string()
+        };
+        !outputs.keyed(&config.topics.pending, &id).is_empty()
+    };
+    let mut done = 0;
+    for partition in end_offsets(&inputs).keys() {
+        let mut flags: Vec<(i64, bool)> = inputs
+            .iter()
+            .filter(|r| r.partition == *partition)
+            .map(|r| (r.offset, handled(r)))
+            .collect();
+        flags.sort();
+        let prefix = flags.iter().take_while(|(_, h)| *h).count();
+        assert!(
+            flags[prefix..].iter().all(|(_, h)| !h),
+            "partition {partition}: handled records are a prefix: {flags:?}"
+        );
+        done += prefix;
+    }
+    assert!(
+        done >= first.len() + 20,
+        "the batches before the signal are committed"
+    );
+    let handled_inputs: Vec<_> = inputs.iter().filter(|r| handled(r)).cloned().collect();
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &all,
+        &handled_inputs,
+        &outputs,
+    );
+
+    // A restart in the same group: from the committed offsets (the mock
+    // cluster keeps none from transactions, so from the start), what was
+    // committed is recognised, the rest is routed once.
+    let committed: i64 = committed_offsets(&config, &config.group_id, &config.topics.actions)
+        .values()
+        .sum();
+    let remaining = inputs.len() as u64 - committed as u64;
+    let mut restart = config.clone();
+    restart.max_events = Some(remaining);
+    let metrics = Metrics::new();
+    let summary = run_stage(restart, metrics.clone(), Duration::from_secs(60));
+    let fresh = (inputs.len() - done) as u64;
+    assert_eq!(summary.routed + summary.allowed, fresh, "{summary:?}");
+    assert_eq!(metrics.duplicates_total.get(), remaining - fresh);
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &all,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+}
+
+/// `switchboard demo` needs nothing but the binary, is done within 30 s,
+/// and shows every lane.
+#[test]
+fn demo_exits_zero_and_names_every_lane() {
+    let mut cmd = switchboard_command();
+    cmd.arg("demo");
+    let mut proc = Proc::spawn("switchboard-demo", cmd);
+    proc.wait_success(Duration::from_secs(30));
+    let out = proc.stdout();
+    for lane in default_matrix().lanes.iter().map(|l| l.name.as_str()) {
+        assert!(out.contains(lane), "the demo names lane {lane}:\n{out}");
+    }
+    assert!(
+        out.contains("switchboard.dlq"),
+        "the demo shows dead letters:\n{out}"
+    );
+}

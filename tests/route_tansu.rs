@@ -1,0 +1,353 @@
+//! The route stage on a real broker: tansu (a Kafka-compatible broker, run
+//! as a child process with in-memory storage), with `switchboard run` as
+//! child processes. tansu refuses Kafka transactions from librdkafka 2.x, so
+//! these tests run `--guarantee at-least-once`; tansu holds a fetch for
+//! `fetch.wait.max.ms`, so every client here sets it to 10 ms. Each test
+//! has a broker of its own; every wait has a deadline.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use switchboard::config::{Config, Guarantee};
+use switchboard::enrich::Directory;
+
+const GROUP: &str = "tansu-route";
+
+/// The test's own clients: at-least-once, short fetch waits, 3 partitions.
+fn tansu_config(tansu: &Tansu) -> Config {
+    let mut config = route_config(&tansu.bootstrap(), &default_matrix_path(), Guarantee::AtLeastOnce);
+    config.kafka.push(("fetch.wait.max.ms".into(), "10".into()));
+    config.partitions = 3;
+    config.group_id = GROUP.into();
+    config
+}
+
+/// `switchboard run --stage route --guarantee at-least-once` in `GROUP`,
+/// serving metrics on `addr`. A short session timeout lets the group notice
+/// a killed instance in seconds.
+fn route_instance(name: &str, tansu: &Tansu, addr: &str) -> Proc {
+    let mut cmd = switchboard_command();
+    cmd.args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
+        .arg(default_matrix_path())
+        .args([
+            "--stage",
+            "route",
+            "--guarantee",
+            "at-least-once",
+            "--partitions",
+            "3",
+        ])
+        .args(["--group-id", GROUP, "--metrics-addr", addr])
+        .args(["--kafka", "fetch.wait.max.ms=10"])
+        .args([
+            "--kafka",
+            "session.timeout.ms=6000",
+            "--kafka",
+            "heartbeat.interval.ms=500",
+        ]);
+    // JSON logs, so the test can follow the instance's assignments.
+    cmd.env("SWITCHBOARD_LOG_FORMAT", "json");
+    Proc::spawn(name, cmd)
+}
+
+fn consumed(addr: &str) -> Option<f64> {
+    metric(
+        &scrape(addr),
+        r#"switchboard_events_consumed_total{topic="agent.actions"}"#,
+    )
+}
+
+fn ready(addr: &str) -> bool {
+    http_get(addr, "/readyz").is_some_and(|(status, _)| status == 200)
+}
+
+/// A producer thread sending valid actions round-robin over the three
+/// partitions until stopped; returns what it sent.
+struct Stream {
+    running: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    handle: Option<std::thread::JoinHandle<Vec<Case>>>,
+}
+
+impl Stream {
+    fn start(config: &Config, prefix: &str) -> Stream {
+        let running = Arc::new(AtomicBool::new(true));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (running.clone(), sent.clone());
+        let bootstrap = config.bootstrap_servers.clone();
+        let topic = config.topics.actions.clone();
+        let prefix = prefix.to_string();
+        let handle = std::thread::spawn(move || {
+            let producer = Producer::new(&bootstrap);
+            let mut cases = Vec::new();
+            let mut burst = 0;
+            while flag.load(Ordering::Relaxed) {
+                for (i, case) in valid_cases(&format!("{prefix}-{burst}"), 6)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let case = case.on(i as i32 % 3);
+                    producer.send(
+                        &topic,
+                        case.partition,
+                        case.key.as_deref(),
+                        case.payload.as_deref(),
+                    );
+                    cases.push(case);
+                }
+                producer.flush();
+                count.store(cases.len(), Ordering::Relaxed);
+                burst += 1;
+                // A steady rate, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            cases
+        });
+        Stream {
+            running,
+            sent,
+            handle: Some(handle),
+        }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    fn stop(mut self) -> Vec<Case> {
+        self.running.store(false, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("the producer thread")
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The number of distinct actions with a pending record so far.
+fn routed_ids(records: &[switchboard::changelog::ReadRecord]) -> usize {
+    records
+        .iter()
+        .filter_map(|r| r.key.as_deref())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// The partition counts of the "partitions assigned" log lines of an
+/// instance (JSON logs), in order.
+fn assignments(log: &str) -> Vec<i64> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "partitions assigned")
+        .filter_map(|l| l["fields"]["partitions"].as_i64())
+        .collect()
+}
+
+/// Makes the group form a new generation: a plain consumer joins (taking a
+/// share for a moment, never committing) and leaves. tansu 0.6.0 does not
+/// start a new generation when it drops a member for missed heartbeats, so
+/// the survivor's SyncGroup would keep returning its old share.
+fn nudge_group(config: &Config) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let nudge: BaseConsumer = switchboard::kafka::consumer_config(config, GROUP)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .expect("a nudging consumer");
+    nudge.subscribe(&[&config.topics.actions]).expect("subscribing");
+    wait_for(deadline(60), "the nudging consumer to get a share", || {
+        let _ = nudge.poll(Duration::from_millis(100));
+        nudge.assignment().is_ok_and(|a| a.count() > 0)
+    });
+    nudge.unsubscribe();
+    // Dropping it closes it and leaves the group.
+}
+
+/// Two instances in one group share the partitions of a 3-partition
+/// `agent.actions` and route every record once; one is killed with SIGKILL
+/// while actions keep coming, and the survivor takes over its partitions
+/// (redelivered records it had written recognised as duplicates) and
+/// finishes everything: no action lost, no approval opened twice.
+#[test]
+fn two_instances_share_the_partitions_and_survive_a_sigkill() {
+    let tansu = Tansu::start();
+    let config = tansu_config(&tansu);
+    let matrix = default_matrix();
+    ensure_topics(&config, &matrix);
+
+    let (addr_a, addr_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let mut a = route_instance("instance-a", &tansu, &addr_a);
+    let mut b = route_instance("instance-b", &tansu, &addr_b);
+    wait_for(deadline(60), "both instances ready", || {
+        ready(&addr_a) && ready(&addr_b)
+    });
+
+    let stream = Stream::start(&config, "pair");
+    wait_for(deadline(60), "both instances routing their share", || {
+        consumed(&addr_a).is_some_and(|n| n > 0.0) && consumed(&addr_b).is_some_and(|n| n > 0.0)
+    });
+    let shares = (assignments(&a.log()), assignments(&b.log()));
+    assert!(
+        shares.0.last().is_some_and(|n| *n < 3) && shares.1.last().is_some_and(|n| *n < 3),
+        "the instances share the partitions: {shares:?}"
+    );
+    // Kill b in the steady state, once both have worked off the backlog of
+    // the group's formation: a batch in hand is then a burst or two.
+    let sent = stream.sent() as f64;
+    wait_for(deadline(60), "both instances caught up with the stream", || {
+        consumed(&addr_a).unwrap_or(0.0) + consumed(&addr_b).unwrap_or(0.0) >= sent
+    });
+    let before_kill = stream.sent();
+    b.signal("KILL");
+    let status = b.wait(Duration::from_secs(10));
+    assert!(!status.success(), "instance b was killed");
+
+    // The group notices (session timeout) and the survivor rejoins; then a
+    // new generation gives it everything.
+    let seen = assignments(&a.log()).len();
+    wait_for(deadline(60), "the survivor to rejoin after the kill", || {
+        assignments(&a.log()).len() > seen
+    });
+    nudge_group(&config);
+    wait_for(deadline(60), "the survivor to own every partition", || {
+        assignments(&a.log()).last() == Some(&3)
+    });
+    // Actions keep coming after the kill, on every partition.
+    wait_for(deadline(30), "more actions after the kill", || {
+        stream.sent() >= before_kill + 60
+    });
+    let mut sent = stream.stop();
+
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline(60), |r| routed_ids(r) >= sent.len()),
+        "the survivor routes everything"
+    );
+    // Agents retry actions routed before the kill (by either instance), on
+    // other partitions: the survivor knows them all from the changelog.
+    let duplicates = |addr: &str| metric(&scrape(addr), "switchboard_duplicates_total").unwrap_or(0.0);
+    let before = duplicates(&addr_a);
+    let retries: Vec<Case> = sent[..before_kill]
+        .iter()
+        .step_by((before_kill / 12).max(1))
+        .take(12)
+        .map(|c| c.clone().on((c.partition.unwrap() + 1) % 3))
+        .collect();
+    send_cases(&tansu.bootstrap(), &config.topics.actions, &retries);
+    wait_for(deadline(30), "the retries recognised as duplicates", || {
+        duplicates(&addr_a) >= before + retries.len() as f64
+    });
+    sent.extend(retries);
+    a.signal("TERM");
+    a.wait_success(Duration::from_secs(30));
+
+    let inputs = read_to_markers(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    // One pending record per action (no approval opened twice), its packets
+    // on exactly its lanes. A packet may have been written twice only if the
+    // kill caught instance b between an action's packets and its pending
+    // record: then the survivor handled that batch again.
+    let (_, copies) = check_outputs_with(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read_to_markers(&config, &matrix),
+        Packets::IdenticalCopies,
+    );
+    assert!(
+        copies <= MAX_IN_FLIGHT_COPIES,
+        "{copies} packets written twice: more than one in-flight batch of the killed instance"
+    );
+}
+
+/// At most the packets of the batch instance b was writing when killed: it
+/// owns one partition, fed two records per burst, each with at most two
+/// lanes; a batch holds a burst or two.
+const MAX_IN_FLIGHT_COPIES: usize = 8;
+
+/// A restart on a real broker: the stage is stopped (SIGTERM) after routing
+/// a first wave, started again in the same group, and the agents send every
+/// action again (on other partitions) with a few new ones: the new instance
+/// restores the seen actions from the pending changelog, resumes from the
+/// committed offsets, and opens no second approval.
+#[test]
+fn a_restarted_instance_recognises_redeliveries() {
+    let tansu = Tansu::start();
+    let config = tansu_config(&tansu);
+    let matrix = default_matrix();
+    ensure_topics(&config, &matrix);
+    let actions = config.topics.actions.clone();
+
+    // Explicit partitions, so the end of each is known without reading.
+    let first: Vec<Case> = valid_cases("restart", 30)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.on(i as i32 % 3))
+        .collect();
+    send_cases(&tansu.bootstrap(), &actions, &first);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut instance = route_instance("first-run", &tansu, &addr);
+    wait_for(deadline(60), "the first wave routed", || {
+        consumed(&addr) == Some(first.len() as f64)
+    });
+    instance.signal("TERM");
+    instance.wait_success(Duration::from_secs(30));
+    assert_eq!(
+        committed_offsets(&config, GROUP, &actions),
+        BTreeMap::from([(0, 10), (1, 10), (2, 10)]),
+        "the first run committed everything it routed"
+    );
+
+    // Every action again, each on another partition, and a few new ones.
+    let fresh = valid_cases("restart-late", 5);
+    let mut second: Vec<Case> = first
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.clone().on((i as i32 + 1) % 3))
+        .collect();
+    second.extend(fresh.iter().cloned());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut instance = route_instance("second-run", &tansu, &addr);
+    wait_for(deadline(60), "the restarted instance ready", || ready(&addr));
+    send_cases(&tansu.bootstrap(), &actions, &second);
+    let restarted = wait_until(deadline(60), || {
+        let m = scrape(&addr);
+        metric(&m, r#"switchboard_events_consumed_total{topic="agent.actions"}"#) == Some(second.len() as f64)
+    });
+    let m = scrape(&addr);
+    assert!(restarted, "only the new records are read after the restart:\n{m}");
+    assert_eq!(
+        metric(&m, "switchboard_duplicates_total"),
+        Some(first.len() as f64),
+        "every redelivery is recognised"
+    );
+    instance.signal("TERM");
+    instance.wait_success(Duration::from_secs(30));
+
+    let all: Vec<Case> = first.into_iter().chain(second).collect();
+    let inputs = read_to_markers(&config, &[&actions]);
+    assert_eq!(inputs.len(), all.len());
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &all,
+        &inputs,
+        &Outputs::read_to_markers(&config, &matrix),
+    );
+}

@@ -141,15 +141,7 @@ fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
 }
 
 /// A record read back by [`read_all`].
-#[derive(Debug, Clone)]
-pub struct ReadRecord {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
+pub type ReadRecord = crate::kafka::InputRecord;
 
 /// Reads every committed record of `topics` as of now (up to the high
 /// watermarks seen at the start), giving up after `limit`. For the demo,
@@ -179,7 +171,6 @@ fn read_partitions(
     only: Option<i32>,
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
-    use rdkafka::message::Headers;
     let consumer: BaseConsumer = reader_config(config)
         .create()
         .map_err(KafkaStageError::kafka("creating a reader"))?;
@@ -219,21 +210,7 @@ fn read_partitions(
             )));
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(ReadRecord {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) => out.push(ReadRecord::copy_of(&m)),
             Some(Err(e)) => tracing::warn!(error = %e, "reader error"),
             None => {}
         }

@@ -178,3 +178,36 @@ pub async fn ensure_topics(config: &Config, matrix: &Matrix) -> Result<(), Kafka
     }
     Ok(())
 }
+
+/// One record, copied out of librdkafka so it can outlive the poll and be
+/// shared between threads.
+#[derive(Debug, Clone)]
+pub struct InputRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl InputRecord {
+    pub fn copy_of<M: rdkafka::Message>(m: &M) -> InputRecord {
+        use rdkafka::message::Headers;
+        InputRecord {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}

@@ -145,9 +145,6 @@ fn a_redelivered_action_never_opens_a_second_approval() {
 
     let mut first = config.clone();
     first.max_events = Some(wave_1.len() as u64);
-    if std::env::var("DBG").is_ok() {
-        first.kafka.push(("debug".into(), "cgrp".into()));
-    }
     let metrics = Metrics::new();
     let summary = run_stage(first, metrics.clone(), Duration::from_secs(60));
     let duplicates_1 = (wave_1.len() - originals.len() - fresh_1.len()) as u64;
@@ -522,12 +519,11 @@ fn hot_reload_under_load_routes_each_action_by_one_valid_version() {
     ];
     let (mut ok, mut error) = (0, 0);
     for (text, result) in steps {
-        let serving = if result == "ok" {
-            let (new, old) = if *text == v2_text { (&v2, &v1) } else { (&v1, &v2) };
-            Some((new, with_version(&tail.records, &new.version), old))
-        } else {
-            None
-        };
+        // The version about to serve, and how many actions it routed so far.
+        let serving = (result == "ok").then(|| {
+            let new = if *text == v2_text { &v2 } else { &v1 };
+            (new, with_version(&tail.records, &new.version))
+        });
         replace_file(&path, text);
         if result == "ok" {
             ok += 1;
@@ -540,7 +536,7 @@ fn hot_reload_under_load_routes_each_action_by_one_valid_version() {
             || reloads("ok") >= ok && reloads("error") >= error,
         );
         assert_eq!(reloads("ok"), ok, "only valid versions are swapped in");
-        if let Some((new, before, _old)) = serving {
+        if let Some((new, before)) = serving {
             assert!(
                 tail.until(deadline(20), |r| with_version(r, &new.version) >= before + 10),
                 "the new version serves under load"

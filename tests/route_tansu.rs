@@ -232,10 +232,21 @@ fn two_instances_share_the_partitions_and_survive_a_sigkill() {
     let mut sent = stream.stop();
 
     let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(60), |r| routed_ids(r) >= sent.len()),
-        "the survivor routes everything"
-    );
+    if !tail.until(deadline(60), |r| routed_ids(r) >= sent.len()) {
+        let routed: std::collections::HashSet<&[u8]> =
+            tail.records.iter().filter_map(|r| r.key.as_deref()).collect();
+        let missing: Vec<(i32, &str)> = sent
+            .iter()
+            .filter(|c| !routed.contains(c.action_id().unwrap().as_bytes()))
+            .map(|c| (c.partition.unwrap(), c.action_id().unwrap()))
+            .collect();
+        panic!(
+            "the survivor routes everything; {} of {} missing, by partition: {missing:?}; survivor's assignments: {:?}",
+            missing.len(),
+            sent.len(),
+            assignments(&a.log())
+        );
+    }
     // Agents retry actions routed before the kill (by either instance), on
     // other partitions: the survivor knows them all from the changelog.
     let duplicates = |addr: &str| metric(&scrape(addr), "switchboard_duplicates_total").unwrap_or(0.0);

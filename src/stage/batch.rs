@@ -5,24 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
 use crate::metrics::Metrics;
 
-/// One input record, copied out of librdkafka so workers can share it.
-#[derive(Debug, Clone)]
-pub struct InputRecord {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
+pub use crate::kafka::InputRecord;
 
 /// Polls up to `limit` records: waits up to `first` for the first, then up to
 /// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
@@ -43,21 +32,7 @@ pub fn poll_batch(
             deadline.saturating_duration_since(Instant::now())
         };
         match consumer.poll(timeout) {
-            Some(Ok(m)) => batch.push(InputRecord {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) => batch.push(InputRecord::copy_of(&m)),
             Some(Err(e)) => {
                 metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
                 tracing::warn!(error = %e, "consumer error");

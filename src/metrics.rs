@@ -104,6 +104,10 @@ pub struct Metrics {
     /// `switchboard_consumer_lag{topic,partition}`: records behind the high
     /// watermark per partition; set it with [`Metrics::set_consumer_lag`].
     pub consumer_lag: IntGaugeVec,
+    /// `switchboard_assigned_partitions{topic}`: partitions of each input
+    /// topic this instance holds; an instance at 0 after a rebalance serves
+    /// nothing, and the sum over a group shows every partition owned.
+    pub assigned_partitions: IntGaugeVec,
     /// `switchboard_transactions_total{result}`: Kafka transactions by
     /// `result` = `"commit"` or `"abort"`; aborts mean redelivery work.
     pub transactions_total: IntCounterVec,
@@ -251,6 +255,14 @@ impl Metrics {
                     &["topic", "partition"],
                 ),
             ),
+            assigned_partitions: register(
+                r,
+                gauge_vec(
+                    "assigned_partitions",
+                    "Partitions of each input topic this instance is assigned.",
+                    &["topic"],
+                ),
+            ),
             transactions_total: register(
                 r,
                 counter_vec(
@@ -390,6 +402,7 @@ mod tests {
         "switchboard_matrix_reloads_total",
         "switchboard_matrix_info",
         "switchboard_consumer_lag",
+        "switchboard_assigned_partitions",
         "switchboard_transactions_total",
         "switchboard_kafka_errors_total",
     ];
@@ -422,6 +435,7 @@ mod tests {
         m.matrix_reloads_total.with_label_values(&["ok"]).inc();
         m.set_matrix_version("v1");
         m.set_consumer_lag("agent.actions", 3, 17);
+        m.assigned_partitions.with_label_values(&["agent.actions"]).set(3);
         m.transactions_total.with_label_values(&["commit"]).inc();
         m.kafka_errors_total.with_label_values(&["consume"]).inc();
     }

@@ -818,21 +818,3 @@ fn sigterm_exits_zero_with_its_committed_work_intact() {
         &Outputs::read(&config, &matrix),
     );
 }
-
-/// `switchboard demo` needs nothing but the binary, is done within 30 s,
-/// and shows every lane.
-#[test]
-fn demo_exits_zero_and_names_every_lane() {
-    let mut cmd = switchboard_command();
-    cmd.arg("demo");
-    let mut proc = Proc::spawn("switchboard-demo", cmd);
-    proc.wait_success(Duration::from_secs(30));
-    let out = proc.stdout();
-    for lane in default_matrix().lanes.iter().map(|l| l.name.as_str()) {
-        assert!(out.contains(lane), "the demo names lane {lane}:\n{out}");
-    }
-    assert!(
-        out.contains("switchboard.dlq"),
-        "the demo shows dead letters:\n{out}"
-    );
-}

@@ -68,14 +68,35 @@ fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
     }
 }
 
+impl StageContext {
+    /// `assigned_partitions{topic}`: the stages use eager assignors, so an
+    /// assignment is the whole set and a revocation takes it all.
+    fn count_partitions(&self, tpl: &rdkafka::TopicPartitionList, assigned: bool) {
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for e in tpl.elements() {
+            *counts.entry(e.topic().to_string()).or_default() += i64::from(assigned);
+        }
+        for (topic, n) in counts {
+            self.metrics
+                .assigned_partitions
+                .with_label_values(&[topic.as_str()])
+                .set(n);
+        }
+    }
+}
+
 impl ConsumerContext for StageContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.assigned.store(true, Ordering::Release);
+                self.count_partitions(tpl, true);
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Revoke(tpl) => {
+                self.count_partitions(tpl, false);
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }

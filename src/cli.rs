@@ -100,6 +100,10 @@ pub struct RunArgs {
     /// Milliseconds a batch waits for more records once it has one.
     #[arg(long, default_value_t = 2, env = "SWITCHBOARD_BATCH_WAIT_MS")]
     pub batch_wait_ms: u64,
+    /// How long a closed action is remembered (and a redelivery of it
+    /// refused) before its pending record is tombstoned: 7d, 36h, 90m…
+    #[arg(long, default_value = "7d", env = "SWITCHBOARD_CLOSED_RETENTION", value_parser = parse_retention)]
+    pub closed_retention: std::time::Duration,
     /// A folder with ids.json and Avro schemas (default: the bundled ones).
     #[arg(long, env = "SWITCHBOARD_SCHEMAS")]
     pub schemas: Option<PathBuf>,
@@ -135,6 +139,7 @@ impl RunArgs {
         c.batch_size = self.batch_size.max(1);
         c.batch_wait = std::time::Duration::from_millis(self.batch_wait_ms);
         c.schemas_dir = self.schemas;
+        c.closed_retention = self.closed_retention;
         c.topics = Topics {
             actions: self.actions_topic,
             allowed: self.allowed_topic,
@@ -145,6 +150,10 @@ impl RunArgs {
         };
         c
     }
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    crate::matrix::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 7d, 36h or 90m"))
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

@@ -26,6 +26,10 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
+/// A week: longer than any agent's retry window, short enough that the
+/// changelog does not grow without bound.
+pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub bootstrap_servers: String,
@@ -55,6 +59,11 @@ pub struct Config {
     pub batch_wait: Duration,
     /// Avro schemas by id; the bundled `schemas/` when absent.
     pub schemas_dir: Option<PathBuf>,
+    /// How long a closed action's record stays in `switchboard.pending`
+    /// before it is tombstoned. Within it a redelivered action is
+    /// recognised and not routed again; after it the changelog (and every
+    /// instance's memory of the action) is compacted away.
+    pub closed_retention: Duration,
 }
 
 impl Config {
@@ -76,6 +85,7 @@ impl Config {
             batch_size: 1000,
             batch_wait: Duration::from_millis(2),
             schemas_dir: None,
+            closed_retention: DEFAULT_CLOSED_RETENTION,
         }
     }
 }

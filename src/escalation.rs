@@ -268,6 +268,8 @@ pub enum TimerKind {
     Remind,
     /// The step's SLA passed: escalate or expire.
     Sla,
+    /// A closed action's retention passed: tombstone its pending record.
+    Purge,
 }
 
 /// One entry of the timer queue; ordered by due time first.
@@ -313,6 +315,16 @@ impl Timers {
         }
     }
 
+    /// Schedules the tombstone of a closed action's record.
+    pub fn schedule_purge(&mut self, action_id: &str, at: DateTime<Utc>) {
+        self.queue.insert(Timer {
+            due: at,
+            action_id: action_id.to_string(),
+            lane: 0,
+            kind: TimerKind::Purge,
+        });
+    }
+
     /// Removes and returns the next entry due at or before `now`.
     pub fn pop_due(&mut self, now: DateTime<Utc>) -> Option<Timer> {
         match self.queue.first() {
@@ -340,9 +352,10 @@ impl Timers {
     }
 }
 
-/// Whether a popped timer still describes the record at `now`: the record
-/// open, the lane undecided, and its due time unchanged. A reminder whose
-/// SLA has passed too is stale: the escalation says more than it would.
+/// Whether a popped reminder or SLA timer still describes the record at
+/// `now`: the record open, the lane undecided, and its due time unchanged.
+/// A reminder whose SLA has passed too is stale: the escalation says more
+/// than it would. (Purges are checked against the closed actions held.)
 pub fn is_current(record: &OwnedPendingRecord, timer: &Timer, now: DateTime<Utc>) -> bool {
     record.status == Status::Open
         && record.lanes.get(timer.lane).is_some_and(|l| {
@@ -350,6 +363,15 @@ pub fn is_current(record: &OwnedPendingRecord, timer: &Timer, now: DateTime<Utc>
                 && match timer.kind {
                     TimerKind::Sla => l.sla_due == timer.due,
                     TimerKind::Remind => l.remind_at == Some(timer.due) && l.sla_due > now,
+                    TimerKind::Purge => false,
                 }
         })
+}
+
+/// When a closed action's record is tombstoned.
+pub fn purge_at(closed_at: DateTime<Utc>, retention: std::time::Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(retention)
+        .ok()
+        .and_then(|r| closed_at.checked_add_signed(r))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }

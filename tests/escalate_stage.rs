@@ -611,3 +611,59 @@ async fn a_reminder_goes_out_once_per_step_before_it_escalates() {
     stop.store(true, Ordering::Relaxed);
     handle.await.expect("joined").expect("stages stop cleanly");
 }
+
+/// A closed action is remembered for `closed_retention`, then its pending
+/// record is tombstoned once, whether the retention passes while the stage
+/// runs or while it is stopped; after that a redelivery is a new action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closed_actions_are_tombstoned_after_their_retention() {
+    let mut broker = Broker::new();
+    broker.config.closed_retention = Duration::from_secs(60);
+    // At least once: the mock cluster keeps no offsets committed in
+    // transactions, so a restart there would read every input again.
+    broker.config.guarantee = switchboard::config::Guarantee::AtLeastOnce;
+    let clock = Arc::new(ManualClock::new(t0()));
+    let first = Metrics::new();
+    let (stop, handle) = start(&broker, clock.clone(), first.clone());
+    broker.action("early", json!({"kind": "deadline.extend"}));
+    broker.action("late", json!({"kind": "deadline.extend"}));
+    broker.wait_for("both held", |_| {
+        first.pending_approvals.with_label_values(&["manager"]).get() == 2
+    });
+    broker.decide("early", "manager", "reject", "morgan");
+    broker.wait_for("the first outcome", |b| b.outcome("early").is_some());
+    let tombstones = |b: &Broker, id: &str| {
+        b.read("switchboard.pending")
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(id.as_bytes()) && r.payload.is_none())
+            .count()
+    };
+    assert_eq!(tombstones(&broker, "early"), 0, "remembered within the retention");
+
+    // The other one's chain runs out 30 s later: it closes as expired.
+    clock.advance(TimeDelta::seconds(30));
+    broker.wait_for("the second outcome", |b| b.outcome("late").is_some());
+    assert_eq!(broker.outcome("late").unwrap()["outcome"], "expired");
+    // The first one's retention passes while the stage runs; not the other's.
+    clock.advance(TimeDelta::seconds(31));
+    broker.wait_for("the tombstone", |b| tombstones(b, "early") == 1);
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+    assert_eq!(tombstones(&broker, "late"), 0);
+
+    // Restarted after the retention: the restored closed record is purged.
+    clock.advance(TimeDelta::seconds(61));
+    let metrics = Metrics::new();
+    let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
+    broker.wait_for("the restored record's tombstone", |b| tombstones(b, "late") == 1);
+    // Forgotten: sent again, it is a new action with a new approval.
+    broker.action("early", json!({"kind": "deadline.extend"}));
+    broker.wait_for("the redelivery routed as new", |b| {
+        b.steps("approvals.manager", "early").len() == 2
+    });
+    assert_eq!(metrics.duplicates_total.get(), 0);
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
+    assert_eq!(tombstones(&broker, "early"), 1, "purged once");
+    assert_eq!(tombstones(&broker, "late"), 1, "purged once");
+}

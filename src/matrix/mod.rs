@@ -18,7 +18,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 pub use cases::{CaseFailure, CaseReport, TestCase};
 pub use condition::{Cmp, Condition, Matcher, Pattern};
 pub use field::{Builtin, Field, FieldType, Val};
-pub use load::MatrixError;
+pub use load::{MatrixError, parse_duration};
 pub use yaml::Pos;
 
 /// Index of a lane in [`Matrix::lanes`]; lanes keep the file's order, which is

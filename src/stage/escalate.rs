@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::Offset;
 
 use super::StageContext;
 use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
@@ -71,12 +72,38 @@ struct State {
     /// records of ours still on their way back must not bring the approval
     /// back to life.
     closing: HashMap<String, (i32, u64)>,
+    /// Closed actions whose record is still in the changelog: action_id →
+    /// (partition, when it is tombstoned).
+    closed: HashMap<String, (i32, DateTime<Utc>)>,
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
     open: HashMap<String, i64>,
 }
 
 impl State {
+    /// Puts back a timer taken by a batch that did not become durable, if
+    /// it still applies.
+    fn reschedule(&mut self, timer: &Timer, now: DateTime<Utc>) {
+        if timer.kind == TimerKind::Purge {
+            if self.purge_is_due(timer) {
+                self.timers.schedule_purge(&timer.action_id, timer.due);
+            }
+        } else if let Some((_, record)) = self.records.get(&timer.action_id)
+            && escalation::is_current(record, timer, now)
+        {
+            self.timers.schedule(record);
+        }
+    }
+
+    /// Whether a purge timer still names a closed action held here.
+    fn purge_is_due(&self, timer: &Timer) -> bool {
+        !self.records.contains_key(&timer.action_id)
+            && self
+                .closed
+                .get(&timer.action_id)
+                .is_some_and(|(_, at)| *at == timer.due)
+    }
+
     /// Adds (`sign` = 1) or removes (-1) a record's undecided lanes from the
     /// per-lane counts.
     fn count(&mut self, record: &OwnedPendingRecord, sign: i64) {
@@ -105,6 +132,8 @@ struct Work {
     breaches: Vec<String>,
     /// Lanes reminded.
     reminders: Vec<String>,
+    /// Closed actions whose record this batch tombstones.
+    purged: Vec<String>,
     /// Closed approvals whose closing record was read back.
     read_back: Vec<String>,
     outcomes: u64,
@@ -183,11 +212,7 @@ impl EscalateStage {
                         .inc();
                     tracing::warn!(%reason, "escalation batch not durable; doing it again");
                     for timer in work.popped {
-                        if let Some((_, record)) = state.records.get(&timer.action_id)
-                            && escalation::is_current(record, &timer, now)
-                        {
-                            state.timers.schedule(record);
-                        }
+                        state.reschedule(&timer, now);
                     }
                     rewind(&consumer, &batch);
                     std::thread::sleep(backoff);
@@ -238,10 +263,14 @@ impl EscalateStage {
             }
             state.records.retain(|_, (p, _)| !revoked.contains(p));
             state.closing.retain(|_, (p, _)| !revoked.contains(p));
+            state.closed.retain(|_, (p, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
             for (_, record) in state.records.values() {
                 state.timers.schedule(record);
+            }
+            for (id, (_, at)) in &state.closed {
+                state.timers.schedule_purge(id, *at);
             }
             tracing::info!(?revoked, "pending partitions revoked; their approvals dropped");
         }
@@ -249,6 +278,15 @@ impl EscalateStage {
             self.health.set_ready(false, "restoring pending approvals");
             let started = std::time::Instant::now();
             let records = read_partition(&self.config, pending, partition, Duration::from_secs(300))?;
+            // The group consumer goes on from where the restore ended: what
+            // it would read before that is already in the restored state
+            // (and replaying it could revive a purged action).
+            if let Some(end) = records.iter().map(|r| r.offset + 1).max()
+                && let Err(e) =
+                    consumer.seek(pending, partition, Offset::Offset(end), Duration::from_secs(10))
+            {
+                tracing::warn!(partition, error = %e, "could not skip the restored records; they are replayed and ignored");
+            }
             let mut restored = 0usize;
             for r in records {
                 let Some(key) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
@@ -274,7 +312,18 @@ impl EscalateStage {
                     Some(Err(e)) => tracing::warn!(key, error = %e, "unreadable pending record skipped"),
                 }
             }
-            state.records.retain(|_, (_, r)| r.status != Status::Closed);
+            let retention = self.config.closed_retention;
+            let closed = &mut state.closed;
+            let timers = &mut state.timers;
+            state.records.retain(|id, (p, r)| {
+                if r.status != Status::Closed {
+                    return true;
+                }
+                let at = escalation::purge_at(r.closed_at.unwrap_or(r.routed_at), retention);
+                closed.insert(id.clone(), (*p, at));
+                timers.schedule_purge(id, at);
+                false
+            });
             let mine: Vec<(String, OwnedPendingRecord)> = state
                 .records
                 .iter()
@@ -428,15 +477,30 @@ impl EscalateStage {
     fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
         let matrix = self.matrix.current();
         while let Some(timer) = state.timers.pop_due(now) {
-            let effects = match self.current(state, work, &timer.action_id) {
-                Some((partition, record)) if escalation::is_current(record, &timer, now) => {
-                    let effects = match timer.kind {
-                        TimerKind::Remind => escalation::remind(record, timer.lane, now),
-                        TimerKind::Sla => escalation::fire(record, timer.lane, &matrix, now),
-                    };
-                    Some((*partition, effects))
+            let effects = match timer.kind {
+                TimerKind::Purge => {
+                    if state.purge_is_due(&timer) {
+                        work.outputs.push(Output {
+                            topic: self.config.topics.pending.clone(),
+                            key: Some(timer.action_id.as_bytes().to_vec()),
+                            payload: None,
+                            headers: Vec::new(),
+                        });
+                        work.purged.push(timer.action_id.clone());
+                    }
+                    None
                 }
-                _ => None,
+                kind => match self.current(state, work, &timer.action_id) {
+                    Some((partition, record)) if escalation::is_current(record, &timer, now) => {
+                        let effects = if kind == TimerKind::Remind {
+                            escalation::remind(record, timer.lane, now)
+                        } else {
+                            escalation::fire(record, timer.lane, &matrix, now)
+                        };
+                        Some((*partition, effects))
+                    }
+                    _ => None,
+                },
             };
             work.popped.push(timer);
             if let Some((partition, effects)) = effects {
@@ -523,6 +587,12 @@ impl EscalateStage {
         for id in &work.read_back {
             state.closing.remove(id);
         }
+        for id in &work.purged {
+            state.closed.remove(id);
+        }
+        if !work.purged.is_empty() {
+            tracing::debug!(purged = work.purged.len(), "closed actions tombstoned");
+        }
         for (id, (partition, record)) in work.staged {
             if !state.partitions.contains(&partition) {
                 continue;
@@ -533,6 +603,12 @@ impl EscalateStage {
             state.count(&record, 1);
             if record.status == Status::Closed {
                 state.records.remove(&id);
+                let at = escalation::purge_at(
+                    record.closed_at.unwrap_or(record.routed_at),
+                    self.config.closed_retention,
+                );
+                state.timers.schedule_purge(&id, at);
+                state.closed.insert(id.clone(), (partition, at));
                 state.closing.insert(id, (partition, record.revision));
             } else {
                 state.timers.schedule(&record);

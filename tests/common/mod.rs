@@ -34,7 +34,7 @@ use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Headers, Message};
+use rdkafka::message::DeliveryResult;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer as _, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -430,21 +430,7 @@ impl Tail {
                 .min(Duration::from_millis(50)),
         ) {
             match m {
-                Ok(m) => self.records.push(ReadRecord {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                }),
+                Ok(m) => self.records.push(ReadRecord::copy_of(&m)),
                 Err(e) => eprintln!("tail: {e}"),
             }
             if Instant::now() >= until {

@@ -151,24 +151,29 @@ pub fn read_all(
     topics: &[&str],
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
-    read_partitions(config, topics, None, limit)
+    read_partitions(config, topics, None, 0, limit)
 }
 
 /// Like [`read_all`], for one partition of one topic: how the escalation
-/// stage restores a partition's state.
+/// stage restores a partition's state. It reads at least to `at_least` (the
+/// group's committed offset), even when the broker reports a lower high
+/// watermark: what lies before the committed offset the group consumer
+/// will not read again, so the restore must.
 pub fn read_partition(
     config: &Config,
     topic: &str,
     partition: i32,
+    at_least: i64,
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
-    read_partitions(config, &[topic], Some(partition), limit)
+    read_partitions(config, &[topic], Some(partition), at_least, limit)
 }
 
 fn read_partitions(
     config: &Config,
     topics: &[&str],
     only: Option<i32>,
+    at_least: i64,
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
     let consumer: BaseConsumer = reader_config(config)
@@ -186,11 +191,12 @@ fn read_partitions(
                 let (_, high) = consumer
                     .fetch_watermarks(topic, p.id(), timeout)
                     .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
-                if high > 0 {
+                let end = high.max(at_least);
+                if end > 0 {
                     assignment
                         .add_partition_offset(topic, p.id(), Offset::Beginning)
                         .map_err(KafkaStageError::kafka("building the assignment"))?;
-                    targets.push((topic.to_string(), p.id(), high));
+                    targets.push((topic.to_string(), p.id(), end));
                 }
             }
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::Offset;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
 use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
@@ -73,8 +73,10 @@ struct State {
     /// back to life.
     closing: HashMap<String, (i32, u64)>,
     /// Closed actions whose record is still in the changelog: action_id →
-    /// (partition, when it is tombstoned).
-    closed: HashMap<String, (i32, DateTime<Utc>)>,
+    /// (partition, closing revision, when it is tombstoned). Older records
+    /// of theirs read again (the group consumer replays from its committed
+    /// offset after a restore) are ignored.
+    closed: HashMap<String, (i32, u64, DateTime<Utc>)>,
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
     open: HashMap<String, i64>,
@@ -101,7 +103,7 @@ impl State {
             && self
                 .closed
                 .get(&timer.action_id)
-                .is_some_and(|(_, at)| *at == timer.due)
+                .is_some_and(|(_, _, at)| *at == timer.due)
     }
 
     /// Adds (`sign` = 1) or removes (-1) a record's undecided lanes from the
@@ -263,13 +265,13 @@ impl EscalateStage {
             }
             state.records.retain(|_, (p, _)| !revoked.contains(p));
             state.closing.retain(|_, (p, _)| !revoked.contains(p));
-            state.closed.retain(|_, (p, _)| !revoked.contains(p));
+            state.closed.retain(|_, (p, _, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
             for (_, record) in state.records.values() {
                 state.timers.schedule(record);
             }
-            for (id, (_, at)) in &state.closed {
+            for (id, (_, _, at)) in &state.closed {
                 state.timers.schedule_purge(id, *at);
             }
             tracing::info!(?revoked, "pending partitions revoked; their approvals dropped");
@@ -277,16 +279,14 @@ impl EscalateStage {
         for partition in held.difference(&state.partitions.clone()).copied() {
             self.health.set_ready(false, "restoring pending approvals");
             let started = std::time::Instant::now();
-            let records = read_partition(&self.config, pending, partition, Duration::from_secs(300))?;
-            // The group consumer goes on from where the restore ended: what
-            // it would read before that is already in the restored state
-            // (and replaying it could revive a purged action).
-            if let Some(end) = records.iter().map(|r| r.offset + 1).max()
-                && let Err(e) =
-                    consumer.seek(pending, partition, Offset::Offset(end), Duration::from_secs(10))
-            {
-                tracing::warn!(partition, error = %e, "could not skip the restored records; they are replayed and ignored");
-            }
+            let committed = committed_offset(consumer, pending, partition);
+            let records = read_partition(
+                &self.config,
+                pending,
+                partition,
+                committed,
+                Duration::from_secs(300),
+            )?;
             let mut restored = 0usize;
             for r in records {
                 let Some(key) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
@@ -320,7 +320,7 @@ impl EscalateStage {
                     return true;
                 }
                 let at = escalation::purge_at(r.closed_at.unwrap_or(r.routed_at), retention);
-                closed.insert(id.clone(), (*p, at));
+                closed.insert(id.clone(), (*p, r.revision, at));
                 timers.schedule_purge(id, at);
                 false
             });
@@ -387,6 +387,10 @@ impl EscalateStage {
                 .closing
                 .get(id)
                 .is_some_and(|(_, closed)| *closed >= record.revision)
+            || state
+                .closed
+                .get(id)
+                .is_some_and(|(_, closed, _)| *closed >= record.revision)
         {
             // Our own changelog write coming back, or an older state.
             return;
@@ -608,7 +612,7 @@ impl EscalateStage {
                     self.config.closed_retention,
                 );
                 state.timers.schedule_purge(&id, at);
-                state.closed.insert(id.clone(), (partition, at));
+                state.closed.insert(id.clone(), (partition, record.revision, at));
                 state.closing.insert(id, (partition, record.revision));
             } else {
                 state.timers.schedule(&record);
@@ -626,6 +630,25 @@ impl EscalateStage {
                 .pending_approvals
                 .with_label_values(&[lane.as_str()])
                 .set(*n);
+        }
+    }
+}
+
+/// The group's committed offset of one partition (0 when none).
+fn committed_offset(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32) -> i64 {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(committed) => committed
+            .find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0),
+        Err(e) => {
+            tracing::warn!(topic, partition, error = %e, "committed offset unknown; restoring to the high watermark");
+            0
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Effects {
     pub outcome: Option<Outcome<'static>>,
     /// (from role, to role) for `escalations_total`.
     pub escalation: Option<(String, String)>,
+    /// The lane reminded, for `reminders_total`.
+    pub reminded: Option<String>,
 }
 
 /// Why a decision was refused; the label of `decisions_rejected_total{reason}`.
@@ -101,6 +103,7 @@ pub fn decide(
         packets: Vec::new(),
         outcome,
         escalation: None,
+        reminded: None,
     })
 }
 
@@ -120,6 +123,7 @@ pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: Dat
             packets: Vec::new(),
             outcome: Some(outcome),
             escalation: None,
+            reminded: None,
         };
     };
     let assignee = step
@@ -132,35 +136,74 @@ pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: Dat
         .and_then(|d| now.checked_add_signed(d))
         .unwrap_or(DateTime::<Utc>::MAX_UTC);
     let topic = matrix.lanes[step.lane].topic.clone();
-    let level = state.level + 1;
     let mut roster = step.roster.clone();
     if assignee != step.assignee && !roster.contains(&assignee) {
         roster.push(assignee.clone());
     }
     next.lanes[index] = LaneState {
         lane: state.lane.clone(),
-        level,
+        level: state.level + 1,
         role: Cow::Owned(step.assignee.clone()),
-        assignee: Cow::Owned(assignee.clone()),
-        roster: Cow::Owned(roster.clone()),
+        assignee: Cow::Owned(assignee),
+        roster: Cow::Owned(roster),
         topic: Cow::Owned(topic.clone()),
         sla_due,
+        remind_at: step.remind.and_then(|share| share.of_window(now, sla_due)),
         verdict: None,
     };
-    let mut escalated = packet.clone();
-    escalated.escalation_level = Some(level);
-    escalated.assignee = Some(Cow::Owned(assignee));
-    escalated.sla_due = Some(sla_due);
-    escalated.routed_at = now;
-    if let Some(decide) = escalated.decide.as_mut() {
-        decide.roster = Cow::Owned(roster);
-    }
+    let escalated = step_packet(packet, &next.lanes[index], now);
     Effects {
         escalation: Some((state.role.to_string(), step.assignee.clone())),
         record: next,
         packets: vec![(topic, escalated)],
         outcome: None,
+        reminded: None,
     }
+}
+
+/// Most of lane `index`'s step SLA passed without a decision: send the
+/// step's packet again to the same assignee, marked as a reminder, once.
+pub fn remind(record: &OwnedPendingRecord, index: usize, now: DateTime<Utc>) -> Effects {
+    let mut next = record.clone();
+    next.revision += 1;
+    next.lanes[index].remind_at = None;
+    let state = &record.lanes[index];
+    let packets = record
+        .packets
+        .get(index)
+        .map(|packet| {
+            let mut reminder = step_packet(packet, state, now);
+            reminder.reminder = true;
+            reminder.time_left_seconds = Some((state.sla_due - now).num_seconds().max(0));
+            (state.topic.to_string(), reminder)
+        })
+        .into_iter()
+        .collect();
+    Effects {
+        record: next,
+        packets,
+        outcome: None,
+        escalation: None,
+        reminded: Some(state.lane.to_string()),
+    }
+}
+
+/// The packet of a lane's current step: its level-0 packet with the step's
+/// level, assignee, due time and roster.
+fn step_packet(
+    packet: &OwnedApprovalRequest,
+    state: &LaneState<'_>,
+    now: DateTime<Utc>,
+) -> OwnedApprovalRequest {
+    let mut out = packet.clone();
+    out.escalation_level = Some(state.level);
+    out.assignee = Some(Cow::Owned(state.assignee.to_string()));
+    out.sla_due = Some(state.sla_due);
+    out.routed_at = now;
+    if let Some(decide) = out.decide.as_mut() {
+        decide.roster = Cow::Owned(state.roster.to_vec());
+    }
+    out
 }
 
 /// Ends an allowed action: its outcome is `approved` with no verdicts.
@@ -173,6 +216,7 @@ pub fn allow(record: &OwnedPendingRecord, now: DateTime<Utc>) -> Effects {
         packets: Vec::new(),
         outcome: Some(outcome),
         escalation: None,
+        reminded: None,
     }
 }
 
@@ -217,39 +261,69 @@ fn resolve(field: &Field, packet: &OwnedApprovalRequest) -> Option<String> {
     }
 }
 
-/// Due SLAs of pending lanes, ordered by time, so firing what is due never
-/// scans all state. Entries are (due, action_id, lane index); an entry that
-/// no longer matches its record (the lane decided or moved on) is skipped
-/// when it comes up.
+/// What a timer does when it comes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TimerKind {
+    /// Re-send the step's packet as a reminder.
+    Remind,
+    /// The step's SLA passed: escalate or expire.
+    Sla,
+}
+
+/// One entry of the timer queue; ordered by due time first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timer {
+    pub due: DateTime<Utc>,
+    pub action_id: String,
+    /// Index of the lane in the record.
+    pub lane: usize,
+    pub kind: TimerKind,
+}
+
+/// Due reminders and SLAs of pending lanes, ordered by time, so firing what
+/// is due never scans all state. An entry that no longer matches its record
+/// (the lane decided or moved on) is skipped when it comes up
+/// ([`is_current`]).
 #[derive(Debug, Default)]
 pub struct Timers {
-    queue: BTreeSet<(DateTime<Utc>, String, usize)>,
+    queue: BTreeSet<Timer>,
 }
 
 impl Timers {
-    /// Schedules every undecided lane of an open record.
+    /// Schedules the SLA and the reminder of every undecided lane of an
+    /// open record.
     pub fn schedule(&mut self, record: &OwnedPendingRecord) {
         if record.status != Status::Open {
             return;
         }
         for (i, lane) in record.lanes.iter().enumerate() {
-            if lane.verdict.is_none() {
-                self.queue.insert((lane.sla_due, record.action_id.to_string(), i));
+            if lane.verdict.is_some() {
+                continue;
+            }
+            let timer = |due, kind| Timer {
+                due,
+                action_id: record.action_id.to_string(),
+                lane: i,
+                kind,
+            };
+            self.queue.insert(timer(lane.sla_due, TimerKind::Sla));
+            if let Some(at) = lane.remind_at {
+                self.queue.insert(timer(at, TimerKind::Remind));
             }
         }
     }
 
     /// Removes and returns the next entry due at or before `now`.
-    pub fn pop_due(&mut self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, String, usize)> {
+    pub fn pop_due(&mut self, now: DateTime<Utc>) -> Option<Timer> {
         match self.queue.first() {
-            Some((due, _, _)) if *due <= now => self.queue.pop_first(),
+            Some(timer) if timer.due <= now => self.queue.pop_first(),
             _ => None,
         }
     }
 
     /// When the next timer is due.
     pub fn next_due(&self) -> Option<DateTime<Utc>> {
-        self.queue.first().map(|(due, _, _)| *due)
+        self.queue.first().map(|t| t.due)
     }
 
     pub fn len(&self) -> usize {
@@ -266,12 +340,16 @@ impl Timers {
     }
 }
 
-/// Whether a popped timer entry still describes the record: the lane is
-/// undecided, the record open, and the due time unchanged.
-pub fn is_current(record: &OwnedPendingRecord, due: DateTime<Utc>, index: usize) -> bool {
+/// Whether a popped timer still describes the record at `now`: the record
+/// open, the lane undecided, and its due time unchanged. A reminder whose
+/// SLA has passed too is stale: the escalation says more than it would.
+pub fn is_current(record: &OwnedPendingRecord, timer: &Timer, now: DateTime<Utc>) -> bool {
     record.status == Status::Open
-        && record
-            .lanes
-            .get(index)
-            .is_some_and(|l| l.verdict.is_none() && l.sla_due == due)
+        && record.lanes.get(timer.lane).is_some_and(|l| {
+            l.verdict.is_none()
+                && match timer.kind {
+                    TimerKind::Sla => l.sla_due == timer.due,
+                    TimerKind::Remind => l.remind_at == Some(timer.due) && l.sla_due > now,
+                }
+        })
 }

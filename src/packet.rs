@@ -56,6 +56,13 @@ pub struct ApprovalRequest<'a> {
     pub assignee: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla_due: Option<DateTime<Utc>>,
+    /// A second copy of a packet still undecided, sent when most of the
+    /// step's SLA has passed; same action, lane and level as the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reminder: bool,
+    /// With a reminder: whole seconds left until `sla_due`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_left_seconds: Option<i64>,
     /// The lane's context fields in the matrix's order.
     pub context: Context<'a>,
     pub missing_context: Vec<Cow<'a, str>>,
@@ -229,6 +236,8 @@ fn base<'a>(
         escalation_level: None,
         assignee: None,
         sla_due: None,
+        reminder: false,
+        time_left_seconds: None,
         context,
         missing_context,
         summary: Cow::Borrowed(&a.summary),

@@ -66,6 +66,11 @@ pub struct LaneState<'a> {
     /// Where this level's packet went.
     pub topic: Cow<'a, str>,
     pub sla_due: DateTime<Utc>,
+    /// When this level's reminder is due; `None` once it is sent, or when
+    /// the matrix asks for none or the moment had passed before the level
+    /// began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remind_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<LaneVerdict>,
 }

@@ -117,6 +117,24 @@ impl Broker {
         }
     }
 
+    /// Packets on `topic` for `key` that ask someone (reminders left out).
+    fn steps(&self, topic: &str, key: &str) -> Vec<Value> {
+        let (steps, _) = self.split_reminders(topic, key);
+        steps
+    }
+
+    /// Reminders on `topic` for `key`.
+    fn reminders(&self, topic: &str, key: &str) -> Vec<Value> {
+        let (_, reminders) = self.split_reminders(topic, key);
+        reminders
+    }
+
+    fn split_reminders(&self, topic: &str, key: &str) -> (Vec<Value>, Vec<Value>) {
+        self.values(topic, key)
+            .into_iter()
+            .partition(|p| p["reminder"] != json!(true))
+    }
+
     fn outcome(&self, id: &str) -> Option<Value> {
         self.values("approvals.outcomes", id).pop()
     }
@@ -188,9 +206,9 @@ async fn decisions_escalations_and_outcomes() {
 
     // Wait until the three review packets exist, so the decisions find their approvals.
     broker.wait_for("the review packets", |b| {
-        !b.values("approvals.finance", "refund").is_empty()
-            && !b.values("approvals.customer", "email").is_empty()
-            && !b.values("approvals.manager", "extend").is_empty()
+        !b.steps("approvals.finance", "refund").is_empty()
+            && !b.steps("approvals.customer", "email").is_empty()
+            && !b.steps("approvals.manager", "extend").is_empty()
     });
     broker.wait_for("the pending approvals to be held", |_| {
         metrics.pending_approvals.with_label_values(&["finance"]).get() == 1
@@ -242,9 +260,9 @@ async fn decisions_escalations_and_outcomes() {
     // The finance SLA passes: the finance lead is asked, on the finance topic.
     clock.advance(TimeDelta::seconds(3));
     broker.wait_for("the first escalation", |b| {
-        b.values("approvals.finance", "refund").len() == 2
+        b.steps("approvals.finance", "refund").len() == 2
     });
-    let level1 = broker.values("approvals.finance", "refund").pop().unwrap();
+    let level1 = broker.steps("approvals.finance", "refund").pop().unwrap();
     assert_eq!(level1["escalation_level"], 1);
     assert_eq!(level1["assignee"], "finance-lead");
     assert_eq!(level1["lane"], "finance");
@@ -266,16 +284,16 @@ async fn decisions_escalations_and_outcomes() {
             "target": {"account_id": "acct-1"}, "signals": {"audience": "external"}}),
     );
     broker.wait_for("the second email's packet", |b| {
-        !b.values("approvals.customer", "email-2").is_empty()
+        !b.steps("approvals.customer", "email-2").is_empty()
     });
     clock.advance(TimeDelta::seconds(3));
     broker.wait_for("the second escalation", |b| {
-        b.values("approvals.manager", "refund").len() == 1
-            && b.values("approvals.customer", "email-2").len() == 2
+        b.steps("approvals.manager", "refund").len() == 1
+            && b.steps("approvals.customer", "email-2").len() == 2
     });
-    let to_lead = broker.values("approvals.customer", "email-2").pop().unwrap();
+    let to_lead = broker.steps("approvals.customer", "email-2").pop().unwrap();
     assert_eq!(to_lead["assignee"], "lena");
-    let to_manager = broker.values("approvals.manager", "refund").pop().unwrap();
+    let to_manager = broker.steps("approvals.manager", "refund").pop().unwrap();
     assert_eq!(to_manager["escalation_level"], 2);
     assert_eq!(to_manager["lane"], "finance");
     assert_eq!(to_manager["assignee"], "manager");
@@ -330,7 +348,7 @@ async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
         json!({"kind": "refund.issue", "signals": {"amount": "500"}}),
     );
     broker.wait_for("the packet", |b| {
-        !b.values("approvals.finance", "refund").is_empty()
+        !b.steps("approvals.finance", "refund").is_empty()
     });
     // Let the escalation stage take the pending record in before stopping.
     broker.wait_for("the pending record held", |b| {
@@ -344,7 +362,7 @@ async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
     let metrics = Metrics::new();
     let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
     broker.wait_for("the escalation on restore", |b| {
-        b.values("approvals.finance", "refund").len() == 2
+        b.steps("approvals.finance", "refund").len() == 2
     });
     // Restart again: the fired step is in the changelog, so it is not fired twice.
     stop.store(true, Ordering::Relaxed);
@@ -357,7 +375,7 @@ async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
     broker.wait_for("the restarted stage to be working", |b| {
         b.outcome("marker").is_some()
     });
-    assert_eq!(broker.values("approvals.finance", "refund").len(), 2);
+    assert_eq!(broker.steps("approvals.finance", "refund").len(), 2);
     assert!(broker.outcome("refund").is_none());
     stop.store(true, Ordering::Relaxed);
     handle.await.expect("joined").expect("stages stop cleanly");
@@ -395,7 +413,7 @@ async fn a_partition_moved_to_another_instance_keeps_its_timers() {
         broker.action(id, json!({"kind": "refund.issue", "signals": {"amount": "500"}}));
     }
     broker.wait_for("every packet", |b| {
-        ids.iter().all(|id| b.values("approvals.finance", id).len() == 1)
+        ids.iter().all(|id| b.steps("approvals.finance", id).len() == 1)
     });
     // Both instances hold approvals before one of them goes away.
     let marker = "marker-0";
@@ -409,21 +427,21 @@ async fn a_partition_moved_to_another_instance_keeps_its_timers() {
     a.await.expect("joined").expect("instance a stops cleanly");
     clock.advance(TimeDelta::seconds(3));
     broker.wait_for("every approval escalated by the survivor", |b| {
-        ids.iter().all(|id| b.values("approvals.finance", id).len() == 2)
+        ids.iter().all(|id| b.steps("approvals.finance", id).len() == 2)
     });
     // One more step for every approval, and no step twice.
     clock.advance(TimeDelta::seconds(3));
     broker.wait_for("the manager step", |b| {
-        ids.iter().all(|id| b.values("approvals.manager", id).len() == 1)
+        ids.iter().all(|id| b.steps("approvals.manager", id).len() == 1)
     });
     for id in &ids {
-        let finance = broker.values("approvals.finance", id);
+        let finance = broker.steps("approvals.finance", id);
         let levels: Vec<i64> = finance
             .iter()
             .map(|p| p["escalation_level"].as_i64().unwrap())
             .collect();
         assert_eq!(levels, vec![0, 1], "{id}");
-        assert_eq!(broker.values("approvals.manager", id).len(), 1, "{id}");
+        assert_eq!(broker.steps("approvals.manager", id).len(), 1, "{id}");
         assert!(broker.outcome(id).is_none(), "{id} still pending at the manager");
     }
     b_stop.store(true, Ordering::Relaxed);
@@ -489,7 +507,7 @@ fn sigkill_mid_sla_neither_loses_nor_repeats_a_step() {
         );
     }
     broker.wait_for("the level-0 packets", |b| {
-        ids.iter().all(|id| b.values("approvals.finance", id).len() == 1)
+        ids.iter().all(|id| b.steps("approvals.finance", id).len() == 1)
     });
     broker.wait_for("the pending records", |b| {
         ids.iter()
@@ -500,20 +518,96 @@ fn sigkill_mid_sla_neither_loses_nor_repeats_a_step() {
     // The SLA (2 s) passes while a new process starts and restores.
     let mut second = Child::spawn(&broker);
     broker.wait_for("the first escalation of every approval", |b| {
-        ids.iter().all(|id| b.values("approvals.finance", id).len() == 2)
+        ids.iter().all(|id| b.steps("approvals.finance", id).len() == 2)
     });
     second.kill9();
 
     let _third = Child::spawn(&broker);
     broker.wait_for("the manager step of every approval", |b| {
-        ids.iter().all(|id| b.values("approvals.manager", id).len() == 1)
+        ids.iter().all(|id| b.steps("approvals.manager", id).len() == 1)
     });
     for id in &ids {
-        let levels: Vec<i64> = broker
-            .values("approvals.finance", id)
-            .iter()
-            .map(|p| p["escalation_level"].as_i64().unwrap())
-            .collect();
-        assert_eq!(levels, vec![0, 1], "{id}: no step lost or repeated");
+        let levels = |packets: Vec<Value>| -> Vec<i64> {
+            packets
+                .iter()
+                .map(|p| p["escalation_level"].as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            levels(broker.steps("approvals.finance", id)),
+            vec![0, 1],
+            "{id}: no step lost or repeated"
+        );
+        // A reminder may be skipped when its step's SLA passed while nothing
+        // ran, but never sent twice for one step.
+        let mut reminded = levels(broker.reminders("approvals.finance", id));
+        let sent = reminded.len();
+        reminded.dedup();
+        assert_eq!(reminded.len(), sent, "{id}: a reminder repeated: {reminded:?}");
     }
+}
+
+/// Most of a step's SLA passes: the step's assignee gets the packet again,
+/// marked as a reminder, once per step; then the chain moves on as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reminder_goes_out_once_per_step_before_it_escalates() {
+    let broker = Broker::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let metrics = Metrics::new();
+    let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
+    broker.action(
+        "refund",
+        json!({"kind": "refund.issue", "signals": {"amount": "500"}}),
+    );
+    broker.wait_for("the level-0 packet", |b| {
+        !b.steps("approvals.finance", "refund").is_empty()
+    });
+    broker.wait_for("the approval held", |_| {
+        metrics.pending_approvals.with_label_values(&["finance"]).get() == 1
+    });
+    assert!(broker.reminders("approvals.finance", "refund").is_empty());
+
+    // 80 % of the 2 s SLA: 1.6 s after occurred_at.
+    clock.advance(TimeDelta::milliseconds(1700));
+    broker.wait_for("the level-0 reminder", |b| {
+        b.reminders("approvals.finance", "refund").len() == 1
+    });
+    let reminder = broker.reminders("approvals.finance", "refund").pop().unwrap();
+    assert_eq!(reminder["escalation_level"], 0);
+    assert_eq!(reminder["assignee"], "finance-approver");
+    assert_eq!(reminder["time_left_seconds"], 0);
+    assert_eq!(reminder["sla_due"], "2026-03-01T10:00:02Z");
+    assert_eq!(reminder["decide"]["roster"], json!(["fran"]));
+    assert_eq!(metrics.reminders_total.with_label_values(&["finance"]).get(), 1);
+
+    // The SLA passes: the step escalates; it gets its own reminder at 80 %
+    // of its own SLA (fired at 10:00:02.1, due 10:00:04.1, reminded at 03.7).
+    clock.advance(TimeDelta::milliseconds(400));
+    broker.wait_for("the first escalation", |b| {
+        b.steps("approvals.finance", "refund").len() == 2
+    });
+    clock.advance(TimeDelta::milliseconds(1700));
+    broker.wait_for("the level-1 reminder", |b| {
+        b.reminders("approvals.finance", "refund").len() == 2
+    });
+    let reminder = broker.reminders("approvals.finance", "refund").pop().unwrap();
+    assert_eq!(reminder["escalation_level"], 1);
+    assert_eq!(reminder["assignee"], "finance-lead");
+    assert_eq!(reminder["decide"]["roster"], json!(["fiona"]));
+
+    // A decision after the reminder closes it; no more reminders or steps.
+    broker.decide("refund", "finance", "approve", "fiona");
+    broker.wait_for("the outcome", |b| b.outcome("refund").is_some());
+    assert_eq!(broker.outcome("refund").unwrap()["outcome"], "approved");
+    clock.advance(TimeDelta::seconds(10));
+    broker.action(
+        "marker",
+        json!({"kind": "refund.issue", "signals": {"amount": "5"}}),
+    );
+    broker.wait_for("the stage to pass the marker", |b| b.outcome("marker").is_some());
+    assert_eq!(broker.reminders("approvals.finance", "refund").len(), 2);
+    assert_eq!(broker.steps("approvals.finance", "refund").len(), 2);
+    assert_eq!(metrics.reminders_total.with_label_values(&["finance"]).get(), 2);
+    stop.store(true, Ordering::Relaxed);
+    handle.await.expect("joined").expect("stages stop cleanly");
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use switchboard::decision::{Decision, OutcomeKind, Verdict};
-use switchboard::escalation::{self, Refusal, Timers};
+use switchboard::escalation::{self, Refusal, Timer, TimerKind, Timers};
 use switchboard::matrix::Matrix;
 use switchboard::pending::{LaneState, OwnedPendingRecord, Status};
 
@@ -30,6 +30,7 @@ fn lane(name: &str, role: &str, roster: &[&str], due: i64) -> LaneState<'static>
         roster: Cow::Owned(roster.iter().map(|s| s.to_string()).collect()),
         topic: Cow::Owned(format!("approvals.{name}")),
         sla_due: t(due),
+        remind_at: None,
         verdict: None,
     }
 }
@@ -225,7 +226,9 @@ fn timers_pop_in_due_order_and_only_when_due() {
     assert_eq!(timers.len(), 3, "decided lanes are not scheduled");
     assert_eq!(timers.next_due(), Some(t(3)));
     assert!(timers.pop_due(t(2)).is_none());
-    let order: Vec<(DateTime<Utc>, String, usize)> = std::iter::from_fn(|| timers.pop_due(t(10))).collect();
+    let order: Vec<(DateTime<Utc>, String, usize)> = std::iter::from_fn(|| timers.pop_due(t(10)))
+        .map(|timer| (timer.due, timer.action_id, timer.lane))
+        .collect();
     assert_eq!(
         order,
         vec![
@@ -235,9 +238,97 @@ fn timers_pop_in_due_order_and_only_when_due() {
         ]
     );
     // An entry that no longer matches its record is recognised as stale.
-    assert!(escalation::is_current(&a, t(5), 0));
-    assert!(!escalation::is_current(&a, t(4), 0));
-    assert!(!escalation::is_current(&b, t(0), 0));
+    let sla = |due: i64, lane: usize| Timer {
+        due: t(due),
+        action_id: "a-1".into(),
+        lane,
+        kind: TimerKind::Sla,
+    };
+    assert!(escalation::is_current(&a, &sla(5, 0), t(5)));
+    assert!(!escalation::is_current(&a, &sla(4, 0), t(5)));
+    assert!(!escalation::is_current(&b, &sla(0, 0), t(5)));
+}
+
+#[test]
+fn reminders_fall_at_their_share_of_each_step() {
+    use switchboard::matrix::Percent;
+    let p80 = Percent::new(80).unwrap();
+    assert_eq!(p80.of_window(t(0), t(10)), Some(t(8)));
+    assert_eq!(
+        p80.of_window(t(10), t(10)),
+        None,
+        "an empty window has no reminder"
+    );
+    assert_eq!(Percent::new(0), None);
+    assert_eq!(Percent::new(100), None);
+
+    // A step fired at t(2) with a 2 s SLA is reminded at 80 % of it.
+    let m = matrix();
+    let one = escalation::fire(&record(), 0, &m, t(2));
+    assert_eq!(one.record.lanes[0].sla_due, t(4));
+    assert_eq!(
+        one.record.lanes[0].remind_at,
+        Some(t(2) + TimeDelta::milliseconds(1600))
+    );
+}
+
+#[test]
+fn a_reminder_resends_the_current_step_once() {
+    let m = matrix();
+    let mut r = escalation::fire(&record(), 0, &m, t(2)).record;
+    let at = r.lanes[0].remind_at.expect("the step has a reminder");
+    let timer = Timer {
+        due: at,
+        action_id: "a-1".into(),
+        lane: 0,
+        kind: TimerKind::Remind,
+    };
+    assert!(escalation::is_current(&r, &timer, at));
+    let reminded = escalation::remind(&r, 0, at);
+    let (topic, packet) = &reminded.packets[0];
+    assert_eq!(topic, "approvals.finance", "the same lane's topic as the step");
+    assert!(packet.reminder);
+    assert_eq!(
+        packet.escalation_level,
+        Some(1),
+        "the step's level, not a new one"
+    );
+    assert_eq!(packet.assignee.as_deref(), Some("finance-lead"));
+    assert_eq!(packet.sla_due, Some(t(4)));
+    assert_eq!(packet.time_left_seconds, Some(0), "0.4 s left rounds down");
+    assert_eq!(
+        packet.decide.as_ref().unwrap().roster.as_ref(),
+        ["fiona".to_string()]
+    );
+    assert_eq!(reminded.reminded.as_deref(), Some("finance"));
+    assert!(reminded.escalation.is_none() && reminded.outcome.is_none());
+    assert_eq!(reminded.record.revision, r.revision + 1);
+    assert!(
+        !escalation::is_current(&reminded.record, &timer, at),
+        "sent once: the record no longer has it due"
+    );
+    // A reminder that comes up after its SLA passed (a restart, say) is
+    // dropped: the escalation goes instead.
+    assert!(!escalation::is_current(&r, &timer, t(4)));
+    // A decided lane gets no reminder.
+    r.lanes[0].verdict = Some(switchboard::decision::LaneVerdict {
+        verdict: Verdict::Approve,
+        approver: "fiona".into(),
+        decided_at: t(3),
+        comment: None,
+    });
+    assert!(!escalation::is_current(&r, &timer, at));
+}
+
+#[test]
+fn timers_schedule_reminders_beside_slas() {
+    let mut r = record();
+    r.lanes[0].remind_at = Some(t(1));
+    let mut timers = Timers::default();
+    timers.schedule(&r);
+    assert_eq!(timers.len(), 3);
+    let first = timers.pop_due(t(10)).unwrap();
+    assert_eq!((first.due, first.lane, first.kind), (t(1), 0, TimerKind::Remind));
 }
 
 #[test]

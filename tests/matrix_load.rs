@@ -957,3 +957,63 @@ fn a_step_cannot_ask_the_lane_owner_again() {
     let text = "lanes:\n  sec:\n    sla: 30m\n    owner: sec-oncall\n    roster: [sasha]\n    escalation:\n      - lane: sec\nrules:\n  - name: r\n    lane: sec\n    when:\n      kind: x\n";
     assert_refused(text, 7, 9, r#"asks "sec-oncall" on lane "sec" twice"#);
 }
+
+#[test]
+fn reminders_default_to_80_percent_and_steps_inherit_their_lanes() {
+    use switchboard::matrix::Percent;
+    let m = load(VALID);
+    assert_eq!(m.lanes[0].remind, Percent::new(80));
+    let text = "\
+lanes:
+  sec:
+    sla: 30m
+    owner: sec-oncall
+    roster: [sasha]
+    remind: 50%
+    escalation:
+      - assignee: lead
+        roster: [lee]
+      - assignee: ciso
+        roster: [cy]
+        remind: off
+    then: boss
+  boss:
+    sla: 1h
+    owner: the-boss
+    roster: [bea]
+    remind: 90%
+rules:
+  - name: export
+    lane: sec
+    when:
+      kind: data.export
+";
+    let m = load(text);
+    let reminds: Vec<Option<u8>> = m.lanes[0]
+        .escalation
+        .iter()
+        .map(|s| s.remind.map(Percent::get))
+        .collect();
+    assert_eq!(m.lanes[0].remind.map(Percent::get), Some(50));
+    assert_eq!(
+        reminds,
+        [Some(50), None, Some(90)],
+        "own setting, then inherited, then the lane continued into"
+    );
+}
+
+#[test]
+fn bad_reminders() {
+    for bad in ["0%", "100%", "80", "eighty%", "-5%", "on"] {
+        let text = VALID.replace(
+            "    roster: [sasha]\n",
+            &format!("    roster: [sasha]\n    remind: {bad}\n"),
+        );
+        assert_refused(
+            &text,
+            6,
+            13,
+            "is not a reminder: write a share of the SLA from 1% to 99%, or off",
+        );
+    }
+}

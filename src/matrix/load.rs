@@ -18,7 +18,9 @@ use super::cases::TestCase;
 use super::condition::{Cmp, Condition, Matcher, Pattern};
 use super::field::{Field, FieldType};
 use super::yaml::{self, Node, Pos, Value};
-use super::{ContextItem, ContextSource, DirectoryTable, Lane, LaneId, Matrix, Rule, Step};
+use super::{
+    ContextItem, ContextSource, DEFAULT_REMIND, DirectoryTable, Lane, LaneId, Matrix, Percent, Rule, Step,
+};
 
 /// Why a matrix was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -83,8 +85,17 @@ const LANE_KEYS: &[&str] = &[
     "optional_context",
     "escalation",
     "then",
+    "remind",
 ];
-const STEP_KEYS: &[&str] = &["description", "lane", "assignee", "from", "roster", "sla"];
+const STEP_KEYS: &[&str] = &[
+    "description",
+    "lane",
+    "assignee",
+    "from",
+    "roster",
+    "sla",
+    "remind",
+];
 const RULE_KEYS: &[&str] = &["name", "description", "lane", "when", "only_when_no_other_lane"];
 const TABLE_KEYS: &[&str] = &["description", "topic", "key"];
 const TEST_KEYS: &[&str] = &[
@@ -195,6 +206,10 @@ impl<'f> Loader<'f> {
             .string(self.require(&e, node, "owner", &what)?, "`owner`")?
             .to_string();
         let roster = self.roster(self.require(&e, node, "roster", &what)?)?;
+        let remind = match e.get("remind") {
+            Some(r) => self.remind(r)?,
+            None => Some(DEFAULT_REMIND),
+        };
         let context = match e.get("context") {
             Some(c) => self.context(c, tables)?,
             None => Vec::new(),
@@ -245,6 +260,10 @@ impl<'f> Loader<'f> {
                     Some(d) => self.duration(d)?,
                     None => sla,
                 };
+                let remind = match s.get("remind") {
+                    Some(r) => self.remind(r)?,
+                    None => remind,
+                };
                 if assignee.is_none() && s.get("lane").is_none() {
                     return Err(self.err(
                         step_node.pos,
@@ -260,6 +279,7 @@ impl<'f> Loader<'f> {
                         from,
                         roster: roster.unwrap_or_default(),
                         sla,
+                        remind,
                     },
                 ));
             }
@@ -275,6 +295,7 @@ impl<'f> Loader<'f> {
                 sla,
                 owner,
                 roster,
+                remind,
                 context,
                 optional_context,
                 escalation: Vec::new(),
@@ -324,6 +345,7 @@ impl<'f> Loader<'f> {
                 from: None,
                 roster: target.roster.clone(),
                 sla: target.sla,
+                remind: target.remind,
             });
             visiting.push(next);
             chain.extend(self.chain(next, specs, visiting)?);
@@ -832,6 +854,24 @@ impl<'f> Loader<'f> {
         ok.then(|| Decimal::from_str_exact(text).ok())
             .flatten()
             .ok_or_else(|| self.err(node.pos, format!("{text:?} is not a decimal amount")))
+    }
+
+    /// `80%` (of a step's SLA) or `off`.
+    fn remind(&self, node: &Node) -> Result<Option<Percent>> {
+        let text = self.string(node, "a reminder")?;
+        if text == "off" {
+            return Ok(None);
+        }
+        text.strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u8>().ok())
+            .and_then(Percent::new)
+            .map(Some)
+            .ok_or_else(|| {
+                self.err(
+                    node.pos,
+                    format!("{text:?} is not a reminder: write a share of the SLA from 1% to 99%, or off"),
+                )
+            })
     }
 
     fn duration(&self, node: &Node) -> Result<Duration> {

@@ -13,6 +13,8 @@ mod yaml;
 
 use std::time::Duration;
 
+use chrono::{DateTime, TimeDelta, Utc};
+
 pub use cases::{CaseFailure, CaseReport, TestCase};
 pub use condition::{Cmp, Condition, Matcher, Pattern};
 pub use field::{Builtin, Field, FieldType, Val};
@@ -49,6 +51,9 @@ pub struct Lane {
     pub owner: String,
     /// Who may decide at level 0.
     pub roster: Vec<String>,
+    /// When the owner gets a reminder, as a share of the SLA; `None` for
+    /// never. Steps without their own setting inherit it.
+    pub remind: Option<Percent>,
     /// Fields the packet must carry; absent ones are listed as missing.
     pub context: Vec<ContextItem>,
     /// Fields the packet carries when present, never reported missing.
@@ -69,6 +74,38 @@ pub struct Step {
     /// Who may decide at this step (the resolved assignee may too).
     pub roster: Vec<String>,
     pub sla: Duration,
+    /// When this step's assignee is reminded, as a share of its SLA.
+    pub remind: Option<Percent>,
+}
+
+/// A reminder goes out at this share of a step's SLA unless the matrix says
+/// otherwise: late enough not to nag, early enough to act on.
+pub const DEFAULT_REMIND: Percent = Percent(80);
+
+/// A share from 1 % to 99 %: a reminder at 0 % would double the packet and
+/// one at 100 % would arrive with the escalation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(u8);
+
+impl Percent {
+    pub fn new(n: u8) -> Option<Percent> {
+        (1..=99).contains(&n).then_some(Percent(n))
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+
+    /// The moment this share of the window from `start` to `due` has passed,
+    /// or `None` when the window is empty.
+    pub fn of_window(self, start: DateTime<Utc>, due: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let window = i128::from((due - start).num_milliseconds());
+        if window <= 0 {
+            return None;
+        }
+        let offset = i64::try_from(window * i128::from(self.0) / 100).ok()?;
+        start.checked_add_signed(TimeDelta::milliseconds(offset))
+    }
 }
 
 #[derive(Debug, Clone)]

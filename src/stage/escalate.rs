@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::decision::Decision;
 use crate::decode::SchemaSource;
 use crate::dlq::{self, Failed};
-use crate::escalation::{self, Effects, Refusal, Timers};
+use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
 use crate::http::Health;
 use crate::kafka::{KafkaStageError, consumer_config};
 use crate::metrics::Metrics;
@@ -96,13 +96,15 @@ struct Work {
     /// action_id → (partition, new record) in the order decided.
     staged: HashMap<String, (i32, OwnedPendingRecord)>,
     /// Timer entries taken from the queue, put back if the batch fails.
-    popped: Vec<(DateTime<Utc>, String, usize)>,
+    popped: Vec<Timer>,
     decisions: Vec<(String, String, f64)>,
     refused: Vec<&'static str>,
     /// (from role, to role) of each escalation.
     escalations: Vec<(String, String)>,
     /// Lanes whose SLA passed (an escalation or an expiry).
     breaches: Vec<String>,
+    /// Lanes reminded.
+    reminders: Vec<String>,
     /// Closed approvals whose closing record was read back.
     read_back: Vec<String>,
     outcomes: u64,
@@ -180,9 +182,9 @@ impl EscalateStage {
                         .with_label_values(&["abort"])
                         .inc();
                     tracing::warn!(%reason, "escalation batch not durable; doing it again");
-                    for (due, id, lane) in work.popped {
-                        if let Some((_, record)) = state.records.get(&id)
-                            && escalation::is_current(record, due, lane)
+                    for timer in work.popped {
+                        if let Some((_, record)) = state.records.get(&timer.action_id)
+                            && escalation::is_current(record, &timer, now)
                         {
                             state.timers.schedule(record);
                         }
@@ -422,19 +424,24 @@ impl EscalateStage {
         }
     }
 
-    /// Fires every SLA due by `now`, in due order.
+    /// Fires every reminder and SLA due by `now`, in due order.
     fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
         let matrix = self.matrix.current();
-        while let Some((due, id, lane)) = state.timers.pop_due(now) {
-            work.popped.push((due, id.clone(), lane));
-            let Some((partition, record)) = self.current(state, work, &id).cloned() else {
-                continue;
+        while let Some(timer) = state.timers.pop_due(now) {
+            let effects = match self.current(state, work, &timer.action_id) {
+                Some((partition, record)) if escalation::is_current(record, &timer, now) => {
+                    let effects = match timer.kind {
+                        TimerKind::Remind => escalation::remind(record, timer.lane, now),
+                        TimerKind::Sla => escalation::fire(record, timer.lane, &matrix, now),
+                    };
+                    Some((*partition, effects))
+                }
+                _ => None,
             };
-            if !escalation::is_current(&record, due, lane) {
-                continue;
+            work.popped.push(timer);
+            if let Some((partition, effects)) = effects {
+                self.stage(work, partition, effects);
             }
-            let effects = escalation::fire(&record, lane, &matrix, now);
-            self.stage(work, partition, effects);
         }
     }
 
@@ -457,6 +464,9 @@ impl EscalateStage {
             if let Some(lane) = effects.packets.first().and_then(|(_, p)| p.lane.as_deref()) {
                 work.breaches.push(lane.to_string());
             }
+        }
+        if let Some(lane) = &effects.reminded {
+            work.reminders.push(lane.clone());
         }
         if let Some(outcome) = &effects.outcome {
             if let Some(lane) = &outcome.expired_lane {
@@ -506,6 +516,9 @@ impl EscalateStage {
         }
         for lane in &work.breaches {
             m.sla_breaches_total.with_label_values(&[lane.as_str()]).inc();
+        }
+        for lane in &work.reminders {
+            m.reminders_total.with_label_values(&[lane.as_str()]).inc();
         }
         for id in &work.read_back {
             state.closing.remove(id);

@@ -308,6 +308,9 @@ impl RouteStage {
                     .iter()
                     .map(|r| (lane.name.clone(), matrix.rules[*r].name.clone())),
             );
+            let sla_due = packet
+                .sla_due
+                .unwrap_or_else(|| packet::sla_due(&action, lane.sla));
             lanes.push(LaneState {
                 lane: Cow::Borrowed(&lane.name),
                 level: 0,
@@ -315,9 +318,11 @@ impl RouteStage {
                 assignee: Cow::Borrowed(&lane.owner),
                 roster: Cow::Borrowed(&lane.roster),
                 topic: Cow::Borrowed(&lane.topic),
-                sla_due: packet
-                    .sla_due
-                    .unwrap_or_else(|| packet::sla_due(&action, lane.sla)),
+                sla_due,
+                remind_at: lane
+                    .remind
+                    .and_then(|share| share.of_window(action.occurred_at, sla_due))
+                    .filter(|at| *at > now),
                 verdict: None,
             });
             packets.push(packet);

@@ -527,9 +527,29 @@ fn dashboard_and_alerts_cover_what_operators_need() {
     ] {
         assert!(alerts.contains(needed), "no alert watches {needed}");
     }
-    // Every panel has a query and reads the dashboard's datasource variable.
+    // Every panel has a query and reads the dashboard's datasource variable;
+    // ids are unique and no two panels cover the same grid cell.
     let json: Value = serde_json::from_str(&text(DASHBOARD)).expect("the dashboard is JSON");
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeMap::new();
     for panel in array(&json["panels"], "panels") {
+        let title = str_of(&panel["title"], "a panel title");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("a panel id")),
+            "panel {title}: a unique id"
+        );
+        let grid = |k: &str| panel["gridPos"][k].as_u64().expect("a grid position");
+        assert!(
+            grid("x") + grid("w") <= 24,
+            "panel {title} fits the 24-column grid"
+        );
+        for x in grid("x")..grid("x") + grid("w") {
+            for y in grid("y")..grid("y") + grid("h") {
+                if let Some(other) = cells.insert((x, y), title) {
+                    panic!("panels {other} and {title} overlap at ({x}, {y})");
+                }
+            }
+        }
         if panel["type"] == "row" {
             continue;
         }

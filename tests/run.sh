@@ -14,6 +14,62 @@ if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q
   cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
 fi
 
+# promtool, from Debian's prometheus package: the alert rules are checked and
+# unit-tested with it, and tests/ops.rs parses every dashboard query with it.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing Debian's prometheus package (for promtool)"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+  "${SUDO[@]}" apt-get update
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus
+fi
+
+# Schema validators from PyPI, in a virtualenv of their own. Both bundle their
+# schemas, so nothing is fetched while validating: kubernetes-validate has
+# Kubernetes' JSON schemas, check-jsonschema the compose-spec schema.
+TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/switchboard-tools"
+TOOL_VERSIONS="kubernetes-validate==1.37.0 check-jsonschema==0.39.0"
+if [ "$(cat "$TOOLS/.installed" 2>/dev/null)" != "$TOOL_VERSIONS" ]; then
+  echo "== installing $TOOL_VERSIONS into $TOOLS"
+  rm -rf "$TOOLS"
+  python3 -m venv "$TOOLS"
+  # shellcheck disable=SC2086 # one word per requirement
+  "$TOOLS/bin/pip" install --quiet --disable-pip-version-check $TOOL_VERSIONS
+  echo "$TOOL_VERSIONS" > "$TOOLS/.installed"
+fi
+
+echo "== promtool: alert rules, their unit tests, the scrape config"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+promtool check config deploy/prometheus/prometheus.yml
+
+echo "== Kubernetes manifests against the Kubernetes schemas (strict)"
+k8s_manifests=()
+for f in deploy/k8s/*.yaml; do
+  case "$(basename "$f")" in
+    kustomization.yaml | matrix.yaml) ;;
+    *) k8s_manifests+=("$f") ;;
+  esac
+done
+for version in 1.30.0 1.37.0; do
+  "$TOOLS/bin/kubernetes-validate" --strict --quiet -k "$version" "${k8s_manifests[@]}"
+done
+if command -v kubectl >/dev/null 2>&1; then
+  # What `kubectl apply -k` would send, the generated matrix ConfigMap included.
+  built="$(mktemp)"
+  kubectl kustomize deploy/k8s > "$built"
+  "$TOOLS/bin/kubernetes-validate" --strict --quiet "$built"
+  rm -f "$built"
+fi
+
+echo "== docker-compose.yml"
+"$TOOLS/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+if docker compose version >/dev/null 2>&1; then
+  docker compose config -q
+else
+  echo "(no docker compose plugin here: checked against the compose-spec schema only)"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -51,6 +51,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Malformed,
+        Refusal::NotPending,
+        Refusal::WrongLane,
+        Refusal::AlreadyDecided,
+        Refusal::NotOnRoster,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::Malformed => "malformed",

@@ -295,6 +295,49 @@ impl Metrics {
         self.matrix_info.with_label_values(&[version]).set(1);
     }
 
+    /// Creates every series whose labels are known in advance at zero, so
+    /// `rate()` and `increase()` see the first event and dashboards show
+    /// each lane before it has traffic. Creating a series never changes one
+    /// that exists.
+    pub fn prepare(&self, matrix: &crate::matrix::Matrix) {
+        for result in ["ok", "error"] {
+            self.matrix_reloads_total.with_label_values(&[result]);
+        }
+        for result in ["commit", "abort"] {
+            self.transactions_total.with_label_values(&[result]);
+        }
+        for reason in crate::decode::DEAD_LETTER_REASONS {
+            self.dead_letters_total.with_label_values(&[reason]);
+        }
+        for refusal in crate::escalation::Refusal::ALL {
+            self.decisions_rejected_total
+                .with_label_values(&[refusal.reason()]);
+        }
+        for lane in &matrix.lanes {
+            let name = lane.name.as_str();
+            self.pending_approvals.with_label_values(&[name]);
+            self.sla_breaches_total.with_label_values(&[name]);
+            self.reminders_total.with_label_values(&[name]);
+            for verdict in ["approve", "reject", "needs_context"] {
+                self.decisions_total.with_label_values(&[name, verdict]);
+            }
+        }
+        for rule in &matrix.rules {
+            let lane = matrix.lanes[rule.lane].name.as_str();
+            self.events_routed_total
+                .with_label_values(&[lane, rule.name.as_str()]);
+        }
+    }
+
+    /// Forgets the lag of partitions this instance no longer holds, so a
+    /// sum over instances counts each partition once.
+    pub fn forget_consumer_lag(&self, topic: &str, partition: i32) {
+        let partition = partition.to_string();
+        let _ = self
+            .consumer_lag
+            .remove_label_values(&[topic, partition.as_str()]);
+    }
+
     /// Sets `switchboard_consumer_lag{topic,partition}` to `lag` records.
     pub fn set_consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
         let partition = partition.to_string();
@@ -514,5 +557,39 @@ mod tests {
         assert_eq!(a.events_allowed_total.get(), 5);
         assert_eq!(b.events_allowed_total.get(), 0);
         assert!(a.render().contains("switchboard_events_allowed_total 5\n"));
+    }
+
+    #[test]
+    fn prepared_series_start_at_zero_and_keep_their_values() {
+        let m = Metrics::new();
+        m.pending_approvals.with_label_values(&["finance"]).set(4);
+        let matrix = crate::matrix::Matrix::parse(include_str!("../deploy/matrix.yaml"), "matrix.yaml")
+            .expect("the default matrix loads");
+        m.prepare(&matrix);
+        let text = m.render();
+        for series in [
+            "switchboard_matrix_reloads_total{result=\"error\"} 0",
+            "switchboard_dead_letters_total{reason=\"bad_json\"} 0",
+            "switchboard_decisions_rejected_total{reason=\"not_on_roster\"} 0",
+            "switchboard_reminders_total{lane=\"customer\"} 0",
+            "switchboard_sla_breaches_total{lane=\"security\"} 0",
+            "switchboard_decisions_total{lane=\"manager\",verdict=\"needs_context\"} 0",
+            "switchboard_events_routed_total{lane=\"finance\",rule=\"refund-over-threshold\"} 0",
+            "switchboard_pending_approvals{lane=\"engineering\"} 0",
+            "switchboard_pending_approvals{lane=\"finance\"} 4",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn revoked_partitions_lose_their_lag() {
+        let m = Metrics::new();
+        m.set_consumer_lag("agent.actions", 0, 5);
+        m.set_consumer_lag("agent.actions", 1, 7);
+        m.forget_consumer_lag("agent.actions", 0);
+        let text = m.render();
+        assert!(!text.contains("partition=\"0\""), "{text}");
+        assert!(text.contains("switchboard_consumer_lag{partition=\"1\",topic=\"agent.actions\"} 7"));
     }
 }

@@ -35,6 +35,7 @@ impl MatrixHandle {
     pub fn load(path: &Path, metrics: Metrics) -> Result<Arc<MatrixHandle>, MatrixError> {
         let matrix = Matrix::load(path)?;
         metrics.set_matrix_version(&matrix.version);
+        metrics.prepare(&matrix);
         Ok(Arc::new(MatrixHandle {
             current: ArcSwap::from_pointee(matrix),
             path: path.to_path_buf(),
@@ -73,6 +74,7 @@ impl MatrixHandle {
     pub fn swap(&self, matrix: Matrix) -> Reloaded {
         let from = self.current.load().version.clone();
         let to = matrix.version.clone();
+        self.metrics.prepare(&matrix);
         self.current.store(Arc::new(matrix));
         self.metrics.set_matrix_version(&to);
         self.metrics.matrix_reloads_total.with_label_values(&["ok"]).inc();

@@ -45,6 +45,18 @@ pub enum DecodeError {
     Field { field: String, problem: String },
 }
 
+/// Every label [`DecodeError::reason`] can give.
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "empty",
+    "too_large",
+    "unknown_format",
+    "bad_json",
+    "bad_framing",
+    "unknown_schema",
+    "bad_avro",
+    "invalid_field",
+];
+
 impl DecodeError {
     pub(crate) fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
         DecodeError::Field {

@@ -16,6 +16,20 @@ pub use crate::kafka::InputRecord;
 /// Polls up to `limit` records: waits up to `first` for the first, then up to
 /// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
 /// fills batches.
+/// `events_consumed_total{topic}` for a batch once it is durable.
+pub fn count_consumed(metrics: &Metrics, batch: &[InputRecord]) {
+    let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in batch {
+        *by_topic.entry(r.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in by_topic {
+        metrics
+            .events_consumed_total
+            .with_label_values(&[topic])
+            .inc_by(n);
+    }
+}
+
 pub fn poll_batch(
     consumer: &BaseConsumer<StageContext>,
     limit: usize,

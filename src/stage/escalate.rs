@@ -197,6 +197,7 @@ impl EscalateStage {
             }
             match sink.write(&work.outputs, &next_offsets(&batch), &consumer, &stop) {
                 Ok(()) => {
+                    super::batch::count_consumed(&self.metrics, &batch);
                     summary.handled += batch.len() as u64;
                     summary.decisions += work.decisions.len() as u64;
                     summary.refused += work.refused.len() as u64;

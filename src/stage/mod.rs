@@ -75,6 +75,9 @@ impl StageContext {
         let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
         for e in tpl.elements() {
             *counts.entry(e.topic().to_string()).or_default() += i64::from(assigned);
+            if !assigned {
+                self.metrics.forget_consumer_lag(e.topic(), e.partition());
+            }
         }
         for (topic, n) in counts {
             self.metrics

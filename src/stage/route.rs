@@ -412,9 +412,7 @@ impl RouteStage {
     fn committed(&self, batch: &[InputRecord], fresh: &[Routed], counts: &Counts) {
         let m = &self.metrics;
         m.transactions_total.with_label_values(&["commit"]).inc();
-        m.events_consumed_total
-            .with_label_values(&[self.config.topics.actions.as_str()])
-            .inc_by(batch.len() as u64);
+        super::batch::count_consumed(m, batch);
         m.events_allowed_total.inc_by(counts.allowed);
         m.duplicates_total.inc_by(counts.duplicates);
         for (reason, n) in &counts.dead_by_reason {

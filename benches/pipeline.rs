@@ -1,0 +1,880 @@
+//! The pipeline benchmark: switchboard against the physical limit of the
+//! broker it runs on, measured side by side in one run (these machines are
+//! shared and noisy, so only ratios from one run mean much).
+//!
+//! `cargo bench --bench pipeline` runs, in one process:
+//!
+//! 1. tansu 0.6.0 on a free loopback port (memory storage), N synthetic
+//!    AgentActions (~1 KB JSON, a realistic mix of kinds) loaded into a
+//!    topic of P partitions;
+//! 2. the physical limit: a plain librdkafka loop copying every record
+//!    unchanged to one topic, offsets committed after delivery, with the
+//!    same client settings switchboard uses;
+//! 3. switchboard's route stage on the same records, at-least-once (tansu
+//!    refuses librdkafka's transactions), until all N are committed;
+//! 4. the same pair exactly once on librdkafka's mock cluster (the copy
+//!    loop then commits each batch in a transaction too);
+//! 5. end-to-end latency at a fixed offered rate of half the route stage's
+//!    measured throughput: event time to packet readable (a reader with
+//!    1 ms fetch waits on every output topic);
+//! 6. the escalation stage as a child process: restoring K pending
+//!    approvals from the changelog (time, resident memory), and T timers
+//!    falling due together (time until every escalation is durable);
+//!
+//! then prints one table and a last line `ratio: route/passthrough = X.XX`.
+//! Throughput is timed from the moment a consumer holds its partitions to
+//! the moment the last offset is committed, for both loops alike.
+//!
+//! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
+//! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
+//! (1000000), `--timers T` (100000). Under `cargo test` (no `--bench`
+//! flag) it runs every step at a small size, as a smoke test that fails
+//! if any step does not finish.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, consumer::CommitMode};
+use switchboard::config::{Config, Guarantee, Stage};
+use switchboard::kafka::{consumer_config, producer_config};
+use switchboard::metrics::Metrics;
+
+use common::{Proc, Tansu, free_port, manifest_dir, scrape, switchboard_command};
+
+/// A placeholder as long as an RFC 3339 time with milliseconds, replaced
+/// in place when a record is sent at a chosen moment.
+const TIME_SLOT: &str = "2000-01-01T00:00:00.000Z";
+
+struct Args {
+    records: usize,
+    partitions: i32,
+    eos_records: usize,
+    latency_secs: u64,
+    pending: usize,
+    timers: usize,
+    full: bool,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        let full = argv.iter().any(|a| a == "--bench");
+        let value = |name: &str| -> Option<usize> {
+            argv.iter()
+                .position(|a| a == name)
+                .and_then(|i| argv.get(i + 1))
+                .and_then(|v| v.replace('_', "").parse().ok())
+        };
+        let records = value("--records").unwrap_or(if full { 200_000 } else { 3_000 });
+        Args {
+            records,
+            partitions: value("--partitions").map(|p| p as i32).unwrap_or(3),
+            eos_records: value("--eos-records").unwrap_or(records / 4),
+            latency_secs: value("--latency-secs").unwrap_or(if full { 10 } else { 2 }) as u64,
+            pending: value("--pending").unwrap_or(if full { 1_000_000 } else { 2_000 }),
+            timers: value("--timers").unwrap_or(if full { 100_000 } else { 1_000 }),
+            full,
+        }
+    }
+}
+
+/// One line of the result table.
+struct Row {
+    broker: &'static str,
+    what: String,
+    records: usize,
+    seconds: f64,
+    note: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let matrix_path = manifest_dir().join("deploy/matrix.yaml");
+    let mut rows = Vec::new();
+
+    // ---- tansu: throughput, at least once ----
+    eprintln!(
+        "== tansu: loading {} actions into {} partitions",
+        args.records, args.partitions
+    );
+    let tansu = Tansu::start();
+    let bootstrap = tansu.bootstrap();
+    let input = "bench.actions";
+    create_topics(&runtime, &bootstrap, &[input, "bench.copy"], args.partitions);
+    let actions = synthetic(args.records, "t");
+    let loaded = load(&bootstrap, input, &actions);
+    rows.push(Row {
+        broker: "tansu",
+        what: "load (plain producer)".into(),
+        records: args.records,
+        seconds: loaded,
+        note: format!("{:.0} bytes per action", mean_size(&actions)),
+    });
+
+    eprintln!("== tansu: passthrough");
+    let pass = passthrough(&bootstrap, input, "bench.copy", args.records, false);
+    rows.push(throughput_row(
+        "tansu",
+        "passthrough, at least once",
+        args.records,
+        pass,
+    ));
+    eprintln!("== tansu: route stage");
+    let mut config = stage_config(
+        &bootstrap,
+        &matrix_path,
+        input,
+        Guarantee::AtLeastOnce,
+        args.partitions,
+    );
+    let route = run_route(&runtime, config.clone(), args.records);
+    rows.push(throughput_row(
+        "tansu",
+        "route stage, at least once",
+        args.records,
+        route,
+    ));
+    let ratio = pass / route;
+
+    // ---- tansu: latency at half the measured route throughput ----
+    let rate = (args.records as f64 / route / 2.0).max(10.0);
+    eprintln!(
+        "== tansu: latency at {rate:.0} actions/s for {} s",
+        args.latency_secs
+    );
+    config.topics.actions = "bench.latency".into();
+    config.group_id = "bench-latency".into();
+    create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
+    let latencies = latency(&runtime, config, rate, args.latency_secs);
+    rows.push(Row {
+        broker: "tansu",
+        what: format!("end-to-end latency at {rate:.0}/s"),
+        records: latencies.len(),
+        seconds: args.latency_secs as f64,
+        note: format!(
+            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+            quantile(&latencies, 0.5),
+            quantile(&latencies, 0.99),
+            quantile(&latencies, 0.999)
+        ),
+    });
+    drop(tansu);
+
+    // ---- mock cluster: exactly once ----
+    eprintln!("== mock cluster: exactly once, {} actions", args.eos_records);
+    let mock = MockCluster::new(1).expect("the mock cluster starts");
+    let mock_bootstrap = mock.bootstrap_servers();
+    let probe = stage_config(
+        &mock_bootstrap,
+        &matrix_path,
+        input,
+        Guarantee::ExactlyOnce,
+        args.partitions,
+    );
+    let matrix = switchboard::matrix::Matrix::load(&matrix_path).expect("the default matrix loads");
+    for topic in switchboard::kafka::owned_topics(&probe, &matrix)
+        .iter()
+        .map(String::as_str)
+        .chain(["bench.copy", "directory.accounts", "directory.incidents"])
+    {
+        mock.create_topic(topic, args.partitions, 1)
+            .expect("a mock topic");
+    }
+    let eos_actions = synthetic(args.eos_records, "m");
+    load(&mock_bootstrap, input, &eos_actions);
+    let eos_pass = passthrough(&mock_bootstrap, input, "bench.copy", args.eos_records, true);
+    rows.push(throughput_row(
+        "mock",
+        "passthrough, exactly once",
+        args.eos_records,
+        eos_pass,
+    ));
+    let eos_route = run_route(&runtime, probe, args.eos_records);
+    rows.push(throughput_row(
+        "mock",
+        "route stage, exactly once",
+        args.eos_records,
+        eos_route,
+    ));
+    drop(mock);
+
+    // ---- tansu: the escalation stage ----
+    eprintln!("== tansu: restoring {} pending approvals", args.pending);
+    let tansu = Tansu::start();
+    let (restore, rss) = restore(&runtime, &tansu, &matrix_path, args.partitions, args.pending);
+    rows.push(Row {
+        broker: "tansu",
+        what: "escalation: restore pending".into(),
+        records: args.pending,
+        seconds: restore,
+        note: format!("resident {:.0} MiB (peak {:.0} MiB)", rss.0, rss.1),
+    });
+    drop(tansu);
+    eprintln!("== tansu: {} timers falling due together", args.timers);
+    let tansu = Tansu::start();
+    let fired = fire_together(&runtime, &tansu, &matrix_path, args.partitions, args.timers);
+    rows.push(Row {
+        broker: "tansu",
+        what: "escalation: timers due together".into(),
+        records: args.timers,
+        seconds: fired,
+        note: "from the due time to every escalation durable".into(),
+    });
+    drop(tansu);
+
+    print_table(&rows, &args);
+    println!(
+        "ratio: route/passthrough = {:.2} (exactly once on the mock cluster: {:.2})",
+        ratio,
+        eos_pass / eos_route
+    );
+}
+
+// ------------------------------------------------------------- inputs ----
+
+/// `n` actions of a realistic mix (every lane, several at once, and
+/// actions that need no review), each about 1 KB, keyed by action_id.
+/// Their `occurred_at` is [`TIME_SLOT`], to be stamped when sent.
+fn synthetic(n: usize, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    const KINDS: &[(&str, &str)] = &[
+        ("refund.issue", r#""amount":"1249.00","currency":"EUR""#),
+        ("refund.issue", r#""amount":"20.00","currency":"EUR""#),
+        (
+            "data.export",
+            r#""data_classification":"pii","destination":"s3://partner""#,
+        ),
+        ("permission.grant", r#""permissions":["billing:admin"]"#),
+        (
+            "deploy.release",
+            r#""reversible":true,"rollback_path":"helm rollback""#,
+        ),
+        ("email.send", r#""audience":"external","recipient_count":3"#),
+        ("deadline.extend", r#""impact":"two days late""#),
+        ("document.draft", r#""confidence":0.35"#),
+        ("search.run", r#""confidence":0.9"#),
+        ("report.generate", r#""audience":"internal""#),
+        ("ticket.update", r#""scope":"one ticket""#),
+        ("config.change", r#""reversible":false"#),
+    ];
+    let filler = "Customer wrote in twice about the same charge; the agent checked the invoice history, the card processor's log and the account notes before proposing this action. ";
+    (0..n)
+        .map(|i| {
+            let (kind, signals) = KINDS[i % KINDS.len()];
+            let id = format!("{prefix}-{i:09}");
+            let environment = if i % 3 == 0 { "production" } else { "staging" };
+            let json = format!(
+                concat!(
+                    r#"{{"action_id":"{id}","occurred_at":"{slot}","agent_id":"agent-{agent}","fleet":"bench","tenant":"acme","#,
+                    r#""run_id":"run-{run}","kind":"{kind}","summary":"Bench action {i} of kind {kind}","reason":"{reason}","#,
+                    r#""target":{{"system":"billing","resource":"invoice/{i}","account_id":"acct-{acct}","environment":"{env}"}},"#,
+                    r#""signals":{{{signals}}},"attributes":{{"ticket":"SUP-{i}"}},"payload":"{payload}"}}"#
+                ),
+                id = id,
+                slot = TIME_SLOT,
+                agent = i % 50,
+                run = i / 10,
+                kind = kind,
+                i = i,
+                reason = &filler[..120],
+                acct = i % 1000,
+                env = environment,
+                signals = signals,
+                payload = &filler[..filler.len().min(180)].repeat(2),
+            );
+            (id, json.into_bytes())
+        })
+        .collect()
+}
+
+fn mean_size(actions: &[(String, Vec<u8>)]) -> f64 {
+    actions.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / actions.len().max(1) as f64
+}
+
+/// Writes `time` into the record's time slot.
+fn stamp(bytes: &mut [u8], time: DateTime<Utc>) {
+    let text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
+    if let Some(at) = find(bytes, TIME_SLOT.as_bytes())
+        && text.len() == TIME_SLOT.len()
+    {
+        bytes[at..at + text.len()].copy_from_slice(text.as_bytes());
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn create_topics(runtime: &tokio::runtime::Runtime, bootstrap: &str, names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("an admin client");
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = runtime
+        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+        .expect("creating topics");
+    for r in results {
+        if let Err((topic, code)) = r {
+            assert!(
+                code == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "creating {topic}: {code}"
+            );
+        }
+    }
+}
+
+/// Produces every action (stamped now) and waits for the acknowledgements.
+fn load(bootstrap: &str, topic: &str, actions: &[(String, Vec<u8>)]) -> f64 {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("a producer");
+    let started = Instant::now();
+    let now = Utc::now();
+    for (key, bytes) in actions {
+        let mut bytes = bytes.clone();
+        stamp(&mut bytes, now);
+        send(&producer, topic, key.as_bytes(), &bytes);
+    }
+    producer
+        .flush(Duration::from_secs(300))
+        .expect("every action acknowledged");
+    started.elapsed().as_secs_f64()
+}
+
+fn send(producer: &BaseProducer, topic: &str, key: &[u8], payload: &[u8]) {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                back,
+            )) => {
+                record = back;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => panic!("producing to {topic}: {e}"),
+        }
+    }
+}
+
+// -------------------------------------------------------- passthrough ----
+
+/// Records whether the consumer holds partitions yet.
+#[derive(Default)]
+struct Assigned(AtomicBool);
+
+impl ClientContext for Assigned {}
+
+impl ConsumerContext for Assigned {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.0.store(tpl.count() > 0, Ordering::Release);
+        }
+    }
+}
+
+/// The physical limit: consume every record of `input` and produce it
+/// unchanged to `output`; after each batch, wait for every delivery and
+/// commit the offsets (in one transaction with them when `exactly_once`).
+/// Returns seconds from assignment to the last commit.
+fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_once: bool) -> f64 {
+    let config = Config::new(bootstrap, PathBuf::new());
+    let group = if exactly_once {
+        "bench-pass-eos"
+    } else {
+        "bench-pass"
+    };
+    let consumer: BaseConsumer<Assigned> = consumer_config(&config, group)
+        .create_with_context(Assigned::default())
+        .expect("the passthrough consumer");
+    consumer.subscribe(&[input]).expect("subscribing");
+    let producer: BaseProducer = producer_config(&config, exactly_once.then_some("bench-passthrough"))
+        .create()
+        .expect("the passthrough producer");
+    if exactly_once {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .expect("transactions");
+    }
+    let mut started = None;
+    let mut copied = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while copied < n {
+        assert!(
+            Instant::now() < deadline,
+            "the passthrough copied {copied} of {n}"
+        );
+        if exactly_once {
+            producer.begin_transaction().expect("a transaction");
+        }
+        // A batch as the stages take one: up to 1000 records, waiting
+        // 100 ms for the first and 2 ms for each next.
+        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        // Before the assignment, short polls: the clock starts when it comes.
+        let mut wait = Duration::from_millis(if started.is_none() { 1 } else { 100 });
+        for _ in 0..1000.min(n - copied) {
+            let Some(message) = consumer.poll(wait) else { break };
+            let message = message.expect("consuming");
+            if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
+                started = Some(Instant::now());
+            }
+            send(
+                &producer,
+                output,
+                message.key().unwrap_or_default(),
+                message.payload().unwrap_or_default(),
+            );
+            offsets.insert(message.partition(), message.offset() + 1);
+            copied += 1;
+            wait = Duration::from_millis(2);
+        }
+        if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
+            started = Some(Instant::now());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in &offsets {
+            tpl.add_partition_offset(input, *partition, Offset::Offset(*next))
+                .expect("an offset");
+        }
+        if exactly_once {
+            if tpl.count() > 0 {
+                let metadata = consumer.group_metadata().expect("group metadata");
+                producer
+                    .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))
+                    .expect("offsets in the transaction");
+            }
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .expect("committing");
+        } else {
+            producer
+                .flush(Duration::from_secs(60))
+                .expect("every copy acknowledged");
+            if tpl.count() > 0 {
+                consumer
+                    .commit(&tpl, CommitMode::Sync)
+                    .expect("committing offsets");
+            }
+        }
+    }
+    started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default()
+}
+
+// -------------------------------------------------------- route stage ----
+
+fn stage_config(
+    bootstrap: &str,
+    matrix: &std::path::Path,
+    input: &str,
+    guarantee: Guarantee,
+    partitions: i32,
+) -> Config {
+    let mut config = Config::new(bootstrap, matrix);
+    config.stage = Stage::Route;
+    config.guarantee = guarantee;
+    config.group_id = format!("bench-route-{guarantee:?}").to_lowercase();
+    config.topics.actions = input.into();
+    config.partitions = partitions;
+    config
+}
+
+/// Runs the route stage until `n` records are committed; returns seconds
+/// from assignment to the last commit (read from its own metrics, which
+/// count a batch once it is durable).
+fn run_route(runtime: &tokio::runtime::Runtime, mut config: Config, n: usize) -> f64 {
+    config.max_events = Some(n as u64);
+    let metrics = Metrics::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let input = config.topics.actions.clone();
+    let handle = runtime.spawn(switchboard::stage::run(config, metrics.clone(), stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while metrics.assigned_partitions.with_label_values(&[&input]).get() == 0 {
+        assert!(
+            !handle.is_finished(),
+            "the route stage stopped before its assignment"
+        );
+        assert!(Instant::now() < deadline, "the route stage got no partitions");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = Instant::now();
+    let consumed = || metrics.events_consumed_total.with_label_values(&[&input]).get();
+    while consumed() < n as u64 {
+        assert!(
+            !handle.is_finished() || consumed() >= n as u64,
+            "the route stage stopped early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the route stage committed {} of {n}",
+            consumed()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let summary = runtime
+        .block_on(handle)
+        .expect("the stage joins")
+        .expect("the stage ends cleanly");
+    let route = summary.route.expect("a route summary");
+    assert_eq!(route.handled, n as u64, "{route:?}");
+    assert_eq!(route.dead, 0, "synthetic actions are valid: {route:?}");
+    elapsed
+}
+
+fn throughput_row(broker: &'static str, what: &str, records: usize, seconds: f64) -> Row {
+    Row {
+        broker,
+        what: what.into(),
+        records,
+        seconds,
+        note: format!("{:.0} actions/s", records as f64 / seconds),
+    }
+}
+
+// ------------------------------------------------------------ latency ----
+
+/// Offers actions at `rate` per second for `secs` seconds, each stamped
+/// when sent, while the route stage runs; a reader with 1 ms fetch waits
+/// takes every packet as it becomes readable. Returns each action's
+/// latency in milliseconds (to its last packet).
+fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, secs: u64) -> Vec<f64> {
+    let n = (rate * secs as f64) as usize;
+    config.max_events = Some(n as u64);
+    let matrix = switchboard::matrix::Matrix::load(&config.matrix_path).expect("the default matrix loads");
+    let mut outputs: Vec<String> = matrix.lanes.iter().map(|l| l.topic.clone()).collect();
+    outputs.push(config.topics.allowed.clone());
+
+    let reader: BaseConsumer = switchboard::kafka::reader_config(&config)
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .expect("a reader");
+    let mut assignment = TopicPartitionList::new();
+    for topic in &outputs {
+        for p in 0..config.partitions {
+            assignment
+                .add_partition_offset(topic, p, Offset::End)
+                .expect("an assignment");
+        }
+    }
+    reader.assign(&assignment).expect("assigning the reader");
+
+    let metrics = Metrics::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let input = config.topics.actions.clone();
+    let bootstrap = config.bootstrap_servers.clone();
+    let handle = runtime.spawn(switchboard::stage::run(config, metrics.clone(), stop.clone()));
+    while metrics.assigned_partitions.with_label_values(&[&input]).get() == 0 {
+        assert!(
+            !handle.is_finished(),
+            "the route stage stopped before its assignment"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let actions = synthetic(n, "lat");
+    let sender = std::thread::spawn(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "0")
+            .create()
+            .expect("a producer");
+        let started = Instant::now();
+        for (i, (key, bytes)) in actions.into_iter().enumerate() {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            while Instant::now() < due {
+                producer.poll(
+                    due.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(1)),
+                );
+            }
+            let mut bytes = bytes;
+            stamp(&mut bytes, Utc::now());
+            send(&producer, &input, key.as_bytes(), &bytes);
+        }
+        producer
+            .flush(Duration::from_secs(60))
+            .expect("every action acknowledged");
+    });
+
+    let mut last: BTreeMap<String, f64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(secs + 120);
+    let mut done_at = None;
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(5)) {
+            let received = Utc::now();
+            let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            if !key.starts_with("lat-") {
+                continue;
+            }
+            let occurred = m
+                .payload()
+                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                .and_then(|v| {
+                    v["occurred_at"]
+                        .as_str()
+                        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                });
+            if let Some(occurred) = occurred {
+                let ms = (received - occurred.with_timezone(&Utc))
+                    .num_microseconds()
+                    .unwrap_or(0) as f64
+                    / 1000.0;
+                let e = last.entry(key.to_string()).or_insert(ms);
+                *e = e.max(ms);
+            }
+        }
+        if handle.is_finished() && done_at.is_none() {
+            done_at = Some(Instant::now());
+        }
+        // Once the stage is done, give the reader a moment to see the last batch.
+        if done_at.is_some_and(|d| d.elapsed() > Duration::from_millis(500) && last.len() >= n) {
+            break;
+        }
+    }
+    sender.join().expect("the sender finishes");
+    let summary = runtime
+        .block_on(handle)
+        .expect("the stage joins")
+        .expect("the stage ends cleanly");
+    assert_eq!(summary.route.map(|r| r.handled), Some(n as u64));
+    assert_eq!(last.len(), n, "every offered action was read back");
+    last.into_values().collect()
+}
+
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+// --------------------------------------------------------- escalation ----
+
+/// `k` open pending records due at `due`, each with a level-0 packet built
+/// by the library from a realistic action, produced to `topic`.
+fn load_pending(bootstrap: &str, topic: &str, k: usize, due: DateTime<Utc>, prefix: &str) {
+    let root = manifest_dir();
+    let matrix =
+        switchboard::matrix::Matrix::load(&root.join("deploy/matrix.yaml")).expect("the default matrix");
+    let event = std::fs::read(root.join("benches/data/action-1k.json")).expect("the bench action");
+    let decoder = switchboard::decode::Decoder::bundled();
+    let action = decoder.decode(&event).expect("the bench action is valid");
+    let directory = switchboard::enrich::Directory::default();
+    let enrichment = switchboard::enrich::enrich(&matrix, &action, &directory);
+    let routing = switchboard::route::route(&matrix, &action, &enrichment);
+    let input = switchboard::packet::PacketInput {
+        matrix: &matrix,
+        action: &action,
+        enrichment: &enrichment,
+        routing: &routing,
+        decisions_topic: "approvals.decisions",
+        routed_at: Utc::now(),
+    };
+    let hit = routing.lanes.first().expect("the bench action needs review");
+    let lane = &matrix.lanes[hit.lane];
+    let packet = switchboard::packet::for_lane(&input, hit);
+    let template = serde_json::json!({
+        "action_id": "ACTION_ID", "status": "open", "revision": 0,
+        "matrix_version": matrix.version, "occurred_at": action.occurred_at, "routed_at": Utc::now(),
+        "lanes": [{"lane": lane.name, "level": 0, "role": lane.owner, "assignee": lane.owner,
+                   "roster": lane.roster, "topic": lane.topic, "sla_due": due}],
+        "packets": [packet],
+    })
+    .to_string();
+    let original_id = action.action_id.to_string();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("a producer");
+    for i in 0..k {
+        let id = format!("{prefix}-{i:09}");
+        let record = template.replace("ACTION_ID", &id).replace(&original_id, &id);
+        send(&producer, topic, id.as_bytes(), record.as_bytes());
+    }
+    producer
+        .flush(Duration::from_secs(600))
+        .expect("every pending record acknowledged");
+}
+
+fn escalation_process(
+    tansu: &Tansu,
+    matrix: &std::path::Path,
+    partitions: i32,
+    pending_topic: &str,
+    addr: &str,
+) -> Proc {
+    let mut cmd = switchboard_command();
+    cmd.env("RUST_LOG", "warn")
+        .args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
+        .arg(matrix)
+        .args(["--stage", "escalate", "--guarantee", "at-least-once"])
+        .args(["--partitions", &partitions.to_string(), "--metrics-addr", addr])
+        .args(["--pending-topic", pending_topic, "--group-id", pending_topic])
+        .args(["--kafka", "fetch.wait.max.ms=10"]);
+    Proc::spawn("escalate", cmd)
+}
+
+fn sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn memory(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Loads `k` pending approvals due in a day, starts the escalation stage
+/// and times it until it holds them all; returns seconds and memory.
+fn restore(
+    runtime: &tokio::runtime::Runtime,
+    tansu: &Tansu,
+    matrix: &std::path::Path,
+    partitions: i32,
+    k: usize,
+) -> (f64, (f64, f64)) {
+    let topic = "bench.pending.restore";
+    create_topics(runtime, &tansu.bootstrap(), &[topic], partitions);
+    load_pending(&tansu.bootstrap(), topic, k, Utc::now() + TimeDelta::days(1), "r");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let process = escalation_process(tansu, matrix, partitions, topic, &addr);
+    let deadline = started + Duration::from_secs(900);
+    loop {
+        let text = scrape(&addr);
+        if sum(&text, "switchboard_pending_approvals") >= k as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restored {} of {k}",
+            sum(&text, "switchboard_pending_approvals")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss = memory(process.pid());
+    (elapsed, rss)
+}
+
+/// Loads `t` pending approvals all due at one moment a little after the
+/// stage has restored them; returns seconds from that moment until every
+/// escalation is durable (counted by the stage once its batch is acknowledged).
+fn fire_together(
+    runtime: &tokio::runtime::Runtime,
+    tansu: &Tansu,
+    matrix: &std::path::Path,
+    partitions: i32,
+    t: usize,
+) -> f64 {
+    let topic = "bench.pending.timers";
+    create_topics(runtime, &tansu.bootstrap(), &[topic], partitions);
+    // Far enough ahead for the load and the restore, which are timed above.
+    let lead = Duration::from_secs(20 + (t / 10_000) as u64);
+    let due = Utc::now() + TimeDelta::from_std(lead).expect("a short lead");
+    load_pending(&tansu.bootstrap(), topic, t, due, "f");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _process = escalation_process(tansu, matrix, partitions, topic, &addr);
+    let deadline = Instant::now() + lead + Duration::from_secs(600);
+    loop {
+        if sum(&scrape(&addr), "switchboard_pending_approvals") >= t as f64 {
+            break;
+        }
+        assert!(
+            Utc::now() < due,
+            "the {t} approvals were not restored before they fell due; raise the lead"
+        );
+        assert!(Instant::now() < deadline, "restoring the timers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loop {
+        let escalated = sum(&scrape(&addr), "switchboard_escalations_total");
+        if escalated >= t as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "escalated {escalated} of {t}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (Utc::now() - due).num_milliseconds() as f64 / 1000.0
+}
+
+// -------------------------------------------------------------- table ----
+
+fn print_table(rows: &[Row], args: &Args) {
+    let cpus = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU")
+        .to_string();
+    println!();
+    println!(
+        "switchboard pipeline benchmark ({}; {} cores; {} partitions; {})",
+        cpus,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.partitions,
+        if args.full { "full size" } else { "smoke size" }
+    );
+    println!(
+        "{:<6} {:<38} {:>10} {:>9}  notes",
+        "broker", "measure", "records", "seconds"
+    );
+    println!("{}", "-".repeat(100));
+    for r in rows {
+        println!(
+            "{:<6} {:<38} {:>10} {:>9.2}  {}",
+            r.broker, r.what, r.records, r.seconds, r.note
+        );
+    }
+}

@@ -362,3 +362,95 @@ fn a_restarted_instance_recognises_redeliveries() {
         &Outputs::read_to_markers(&config, &matrix),
     );
 }
+
+/// How many times the crash test kills the route stage.
+const KILLS: usize = 10;
+
+/// Crash under load: the route stage is killed with SIGKILL ten times while
+/// actions keep coming, each time after a different (pseudo-random) amount
+/// of work, and started again; a last instance finishes. Every input ends
+/// in exactly one destination set, every action has exactly one pending
+/// record (no approval opened twice), none is missing; packets written
+/// again are identical copies from the batches the kills interrupted.
+#[test]
+fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
+    let tansu = Tansu::start();
+    let config = tansu_config(&tansu);
+    let matrix = default_matrix();
+    ensure_topics(&config, &matrix);
+    let holds = |addr: &str| {
+        metric(
+            &scrape(addr),
+            r#"switchboard_assigned_partitions{topic="agent.actions"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+
+    let stream = Stream::start(&config, "crash");
+    // A fixed seed: the kill points differ from kill to kill, not from run to run.
+    let mut seed: u64 = 0x5eed_cafe;
+    let mut next = |range: std::ops::Range<u64>| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        range.start + (seed >> 33) % (range.end - range.start)
+    };
+    for kill in 0..KILLS {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut instance = route_instance(&format!("crash-{kill}"), &tansu, &addr);
+        // The killed members linger in the group until their session times
+        // out, so a new instance may start with a share only.
+        wait_for(deadline(60), "the new instance to hold partitions", || {
+            holds(&addr) > 0.0
+        });
+        let work = next(10..300) as f64;
+        wait_for(deadline(60), "the instance to route its share of work", || {
+            consumed(&addr).unwrap_or(0.0) >= work
+        });
+        instance.signal("KILL");
+        assert!(!instance.wait(Duration::from_secs(10)).success());
+    }
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut last = route_instance("crash-final", &tansu, &addr);
+    wait_for(deadline(60), "the last instance to hold partitions", || {
+        holds(&addr) > 0.0
+    });
+    // Once the killed members have timed out, a new generation gives the
+    // last instance everything (tansu 0.6.0 forms none on its own).
+    wait_for(deadline(90), "the last instance to hold every partition", || {
+        if holds(&addr) == 3.0 {
+            return true;
+        }
+        nudge_group(&config);
+        holds(&addr) == 3.0
+    });
+    let sent = stream.stop();
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
+        "every action routed in the end"
+    );
+    last.signal("TERM");
+    last.wait_success(Duration::from_secs(30));
+
+    let inputs = read_to_markers(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    let (_, copies) = check_outputs_with(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read_to_markers(&config, &matrix),
+        Packets::IdenticalCopies,
+    );
+    assert!(
+        copies <= KILLS * MAX_IN_FLIGHT_COPIES * 3,
+        "{copies} packets written twice: more than the kills' in-flight batches"
+    );
+    eprintln!(
+        "{} actions, {KILLS} kills, {copies} packets written again",
+        sent.len()
+    );
+}

@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use common::*;
@@ -140,7 +141,7 @@ fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
 
     // Instance a leaves (SIGTERM: it finishes its batch and leaves the group).
     a.signal("TERM");
-    a.wait_success(std::time::Duration::from_secs(30));
+    a.wait_success(Duration::from_secs(30));
     wait_for(deadline(60), "b to hold every partition and approval", || {
         pending_partitions(&addrs[2]) == 3.0 && held(&addrs[2]) == ids.len() as f64
     });
@@ -180,4 +181,131 @@ fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
         assert_eq!(outcomes[0]["outcome"], "expired");
         assert_eq!(outcomes[0]["expired_lane"], "finance");
     }
+}
+
+/// Killed with SIGKILL in the middle of a burst of SLA expiries (as soon
+/// as the first escalated packets are readable, before the batch that
+/// writes them has committed) and started again, twice: every approval
+/// gets each step of its chain and its expiry; none is skipped. At least
+/// once, a step may be written again, but only as the same step (same
+/// level), never as one more.
+#[test]
+fn sigkill_during_a_burst_of_expiries_skips_no_step() {
+    let tansu = Tansu::start();
+    let config = tansu_config(&tansu);
+    let matrix = Matrix::load(&short_sla()).expect("the test matrix loads");
+    ensure_topics(&config, &matrix);
+    let group = format!("{GROUP}.escalate");
+    let holds_all = |addr: &str| pending_partitions(addr) == 3.0;
+
+    let route_addr = format!("127.0.0.1:{}", free_port());
+    let _route = instance("route", &tansu, "route", &route_addr);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut first = instance("escalate-1", &tansu, "escalate", &addr);
+    wait_for(
+        deadline(60),
+        "the escalation stage to hold every partition",
+        || holds_all(&addr),
+    );
+    wait_for(deadline(60), "the route stage to be ready", || {
+        http_get(&route_addr, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+
+    // 300 approvals whose SLA passes at one moment, a few seconds ahead.
+    let occurred_at = (Utc::now() + TimeDelta::seconds(4)).to_rfc3339();
+    let ids: Vec<String> = (0..300).map(|i| format!("burst-{i}")).collect();
+    let producer = Producer::new(&config.bootstrap_servers);
+    for id in &ids {
+        let action = json!({
+            "action_id": id, "occurred_at": occurred_at, "agent_id": "billing-agent",
+            "summary": "refund", "kind": "refund.issue", "signals": {"amount": "500"},
+        });
+        producer.send(
+            &config.topics.actions,
+            None,
+            Some(id.as_bytes()),
+            Some(action.to_string().as_bytes()),
+        );
+    }
+    producer.flush();
+    wait_for(deadline(60), "every approval held", || {
+        held(&addr) == ids.len() as f64
+    });
+
+    let topics = ["approvals.finance", "approvals.manager", "approvals.outcomes"];
+    let mut tail = Tail::new(&config, &topics);
+    let steps_seen = |records: &[switchboard::changelog::ReadRecord], topic: &str| {
+        records
+            .iter()
+            .filter(|r| r.topic == topic)
+            .filter_map(|r| serde_json::from_slice::<Value>(r.payload.as_deref()?).ok())
+            .filter(|p| !is_reminder(p) && p["escalation_level"].as_i64() > Some(0))
+            .count()
+    };
+    // The first burst (level 1) starts: kill at once.
+    assert!(
+        tail.until(deadline(60), |r| steps_seen(r, "approvals.finance") > 0),
+        "the first burst begins"
+    );
+    first.signal("KILL");
+    assert!(!first.wait(Duration::from_secs(10)).success());
+
+    // A new instance takes over; once the killed member is gone, a new
+    // generation gives it every partition (tansu forms none on its own).
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut second = instance("escalate-2", &tansu, "escalate", &addr);
+    let nudge = |addr: &str| {
+        wait_for(deadline(90), "the new instance to hold every partition", || {
+            if holds_all(addr) {
+                return true;
+            }
+            nudge_group(&config, &group, &[&config.topics.pending], "range");
+            holds_all(addr)
+        })
+    };
+    nudge(&addr);
+    // The second burst (the manager step) starts: kill again.
+    assert!(
+        tail.until(deadline(60), |r| steps_seen(r, "approvals.manager") > 0),
+        "the second burst begins"
+    );
+    second.signal("KILL");
+    assert!(!second.wait(Duration::from_secs(10)).success());
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let third = instance("escalate-3", &tansu, "escalate", &addr);
+    nudge(&addr);
+    assert!(
+        tail.until(deadline(90), |records| {
+            ids.iter()
+                .all(|id| !values(records, "approvals.outcomes", id).is_empty())
+        }),
+        "every chain runs out and fails closed"
+    );
+    drop(third);
+
+    let records = read_to_markers(&config, &topics);
+    let mut copies = 0;
+    for id in &ids {
+        let finance = values(&records, "approvals.finance", id);
+        let manager = values(&records, "approvals.manager", id);
+        let mut levels: Vec<i64> = levels(finance.iter().chain(&manager).filter(|p| !is_reminder(p)));
+        let written = levels.len();
+        levels.dedup();
+        copies += written - levels.len();
+        assert_eq!(
+            levels,
+            vec![0, 1, 2],
+            "{id}: every step, none skipped, none added"
+        );
+        let outcomes = values(&records, "approvals.outcomes", id);
+        assert!(
+            outcomes.iter().all(|o| o["outcome"] == "expired"),
+            "{id}: {outcomes:?}"
+        );
+    }
+    eprintln!(
+        "{} approvals, 2 kills mid-burst, {copies} steps written again",
+        ids.len()
+    );
 }

@@ -153,24 +153,8 @@ fn assignments(log: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Makes the group form a new generation: a plain consumer joins (taking a
-/// share for a moment, never committing) and leaves. tansu 0.6.0 does not
-/// start a new generation when it drops a member for missed heartbeats, so
-/// the survivor's SyncGroup would keep returning its old share.
 fn nudge_group(config: &Config) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let nudge: BaseConsumer = switchboard::kafka::consumer_config(config, GROUP)
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .create()
-        .expect("a nudging consumer");
-    nudge.subscribe(&[&config.topics.actions]).expect("subscribing");
-    wait_for(deadline(60), "the nudging consumer to get a share", || {
-        let _ = nudge.poll(Duration::from_millis(100));
-        nudge.assignment().is_ok_and(|a| a.count() > 0)
-    });
-    nudge.unsubscribe();
-    // Dropping it closes it and leaves the group.
+    common::nudge_group(config, GROUP, &[&config.topics.actions], "range,roundrobin");
 }
 
 /// Two instances in one group share the partitions of a 3-partition

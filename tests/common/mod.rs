@@ -289,6 +289,27 @@ impl Drop for Tansu {
     }
 }
 
+/// Makes `group` form a new generation: a plain consumer joins (taking a
+/// share for a moment, never committing) and leaves. tansu 0.6.0 does not
+/// start a new generation when it drops a member for missed heartbeats, so
+/// a survivor's SyncGroup would keep returning its old share. `assignor`
+/// must be one the group's members speak.
+pub fn nudge_group(config: &Config, group: &str, topics: &[&str], assignor: &str) {
+    let nudge: BaseConsumer = switchboard::kafka::consumer_config(config, group)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("partition.assignment.strategy", assignor)
+        .create()
+        .expect("a nudging consumer");
+    nudge.subscribe(topics).expect("subscribing");
+    wait_for(deadline(60), "the nudging consumer to get a share", || {
+        let _ = nudge.poll(Duration::from_millis(100));
+        nudge.assignment().is_ok_and(|a| a.count() > 0)
+    });
+    nudge.unsubscribe();
+    // Dropping it closes it and leaves the group.
+}
+
 /// Creates every topic switchboard owns for `matrix` through the AdminClient,
 /// as `switchboard run` does at start (for brokers with CreateTopics).
 pub fn ensure_topics(config: &Config, matrix: &Matrix) {

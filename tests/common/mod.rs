@@ -169,6 +169,11 @@ impl MockKafka {
     pub fn read(&self, config: &Config, topics: &[&str]) -> Vec<ReadRecord> {
         read(config, topics)
     }
+
+    /// The cluster itself, for fault injection.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
 }
 
 impl Default for MockKafka {

@@ -82,6 +82,8 @@ pub struct Sink {
     /// their record (the action is handled again), never a record without
     /// its outputs (a redelivery taken for a duplicate, its packet lost).
     changelog: String,
+    /// Marked unready while outputs wait for a broker that is away.
+    health: Option<crate::http::Health>,
 }
 
 impl Sink {
@@ -97,6 +99,7 @@ impl Sink {
             guarantee: config.guarantee,
             timeout: Duration::from_secs(30),
             changelog: config.topics.pending.clone(),
+            health: None,
         };
         if sink.guarantee == Guarantee::ExactlyOnce {
             sink.producer.init_transactions(sink.timeout)?;
@@ -185,42 +188,66 @@ impl Sink {
         }
     }
 
+    /// Reports readiness into `health`: unready while outputs are retried.
+    pub fn with_health(mut self, health: crate::http::Health) -> Sink {
+        self.health = Some(health);
+        self
+    }
+
     /// Sends every output and waits until each one is acknowledged, sending
-    /// failed ones again with backoff. Never gives up while the broker is
-    /// away: offsets must not move past unwritten outputs.
+    /// failed ones again with backoff (the stage reports itself unready
+    /// meanwhile). Never gives up while the broker is away: offsets must not
+    /// move past unwritten outputs.
     fn write_acknowledged(&self, outputs: &[&Output], stop: &AtomicBool) -> Result<(), SinkError> {
         if outputs.is_empty() {
             return Ok(());
         }
         let mut pending: Vec<usize> = (0..outputs.len()).collect();
         let mut backoff = Duration::from_millis(100);
-        loop {
-            for &index in &pending {
-                if let Err(e) = self.send(outputs[index], index) {
-                    tracing::warn!(error = %e, "produce failed; will retry");
-                    self.take_failures();
-                    std::thread::sleep(backoff);
-                    return self.write_acknowledged(outputs, stop);
-                }
-            }
+        let mut retrying = false;
+        let result = loop {
+            let enqueue_error = pending
+                .iter()
+                .find_map(|&index| self.send(outputs[index], index).err());
             let flushed = self.producer.flush(self.timeout);
             let failed = self.take_failures();
-            if flushed.is_ok() && failed.is_empty() {
-                return Ok(());
+            if enqueue_error.is_none() && flushed.is_ok() && failed.is_empty() {
+                break Ok(());
             }
             if stop.load(Ordering::Relaxed) {
-                return Err(SinkError::Interrupted);
+                break Err(SinkError::Interrupted);
             }
-            tracing::warn!(failed = failed.len(), flush = ?flushed.as_ref().err(), ?backoff, "outputs not acknowledged; sending them again");
+            if !retrying {
+                retrying = true;
+                self.set_ready(false, "outputs not acknowledged by the broker; retrying");
+            }
+            tracing::warn!(
+                failed = failed.len(),
+                enqueue = ?enqueue_error,
+                flush = ?flushed.as_ref().err(),
+                ?backoff,
+                "outputs not acknowledged; sending them again"
+            );
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            // After a flush timeout the unacknowledged ones may still arrive;
-            // resending them all is the at-least-once contract.
-            pending = if flushed.is_ok() {
+            // After a flush timeout or a refused enqueue the unacknowledged
+            // ones may still arrive; resending them all is the at-least-once
+            // contract.
+            pending = if enqueue_error.is_none() && flushed.is_ok() {
                 failed.into_iter().map(|(i, _)| i).collect()
             } else {
                 (0..outputs.len()).collect()
             };
+        };
+        if retrying {
+            self.set_ready(true, "");
+        }
+        result
+    }
+
+    fn set_ready(&self, ready: bool, reason: &str) {
+        if let Some(health) = &self.health {
+            health.set_ready(ready, reason);
         }
     }
 

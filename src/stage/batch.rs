@@ -49,6 +49,7 @@ pub fn poll_batch(
             Some(Ok(m)) => batch.push(InputRecord::copy_of(&m)),
             Some(Err(e)) => {
                 metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
+                consumer.context().note_error(&e);
                 tracing::warn!(error = %e, "consumer error");
                 break;
             }

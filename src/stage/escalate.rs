@@ -150,7 +150,7 @@ impl EscalateStage {
         // same instance only with the range assignor.
         client.set("partition.assignment.strategy", "range");
         let consumer: BaseConsumer<StageContext> = client
-            .create_with_context(StageContext::new(self.metrics.clone()))
+            .create_with_context(StageContext::new(self.metrics.clone()).with_health(self.health.clone()))
             .map_err(KafkaStageError::kafka("creating the escalation consumer"))?;
         consumer
             .subscribe(&[topics.pending.as_str(), topics.decisions.as_str()])
@@ -159,7 +159,8 @@ impl EscalateStage {
             config,
             &format!("{}-escalate-{}", config.group_id, super::instance_id()),
         )
-        .map_err(KafkaStageError::kafka("creating the escalation producer"))?;
+        .map_err(KafkaStageError::kafka("creating the escalation producer"))?
+        .with_health(self.health.clone());
         self.health.set_ready(true, "");
         tracing::info!(guarantee = ?config.guarantee, "escalation stage running");
 
@@ -197,6 +198,7 @@ impl EscalateStage {
             }
             match sink.write(&work.outputs, &next_offsets(&batch), &consumer, &stop) {
                 Ok(()) => {
+                    consumer.context().brokers_back();
                     super::batch::count_consumed(&self.metrics, &batch);
                     summary.handled += batch.len() as u64;
                     summary.decisions += work.decisions.len() as u64;

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 
 pub use run::{RunError, RunSummary, run, run_with_clock};
@@ -27,6 +28,9 @@ use crate::metrics::Metrics;
 pub struct StageContext {
     pub metrics: Metrics,
     pub assigned: AtomicBool,
+    /// Unready while every broker is unreachable.
+    health: Option<crate::http::Health>,
+    brokers_down: AtomicBool,
 }
 
 impl StageContext {
@@ -34,12 +38,54 @@ impl StageContext {
         StageContext {
             metrics,
             assigned: AtomicBool::new(false),
+            health: None,
+            brokers_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn with_health(mut self, health: crate::http::Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Notes a client error: when no broker is reachable the stage is
+    /// unready until one is again.
+    pub fn note_error(&self, error: &KafkaError) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+            && !self.brokers_down.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(%error, "no broker reachable; unready until one is");
+            if let Some(health) = &self.health {
+                health.set_ready(false, "no Kafka broker reachable");
+            }
+        }
+    }
+
+    /// A broker answered (statistics saw one up, or a batch committed).
+    pub fn brokers_back(&self) {
+        if self.brokers_down.swap(false, Ordering::AcqRel) {
+            tracing::info!("a broker is reachable again");
+            if let Some(health) = &self.health {
+                health.set_ready(true, "");
+            }
         }
     }
 }
 
 impl ClientContext for StageContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics
+            .kafka_errors_total
+            .with_label_values(&["client"])
+            .inc();
+        tracing::error!(%error, reason, "kafka client error");
+        self.note_error(&error);
+    }
+
     fn stats(&self, statistics: Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.brokers_back();
+        }
         for (name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
                 if let Some(lag) = lag(partition).filter(|_| *id >= 0) {

@@ -82,7 +82,7 @@ impl RouteStage {
         let (_seen_reader, _directory_reader) = self.start_readers(stop.clone())?;
 
         let consumer: BaseConsumer<StageContext> = consumer_config(config, &config.group_id)
-            .create_with_context(StageContext::new(self.metrics.clone()))
+            .create_with_context(StageContext::new(self.metrics.clone()).with_health(self.health.clone()))
             .map_err(KafkaStageError::kafka("creating the route consumer"))?;
         consumer
             .subscribe(&[config.topics.actions.as_str()])
@@ -91,7 +91,8 @@ impl RouteStage {
             config,
             &format!("{}-route-{}", config.group_id, super::instance_id()),
         )
-        .map_err(KafkaStageError::kafka("creating the route producer"))?;
+        .map_err(KafkaStageError::kafka("creating the route producer"))?
+        .with_health(self.health.clone());
         self.health.set_ready(true, "");
         tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
 
@@ -120,6 +121,7 @@ impl RouteStage {
             let offsets = next_offsets(&batch);
             match sink.write(&outputs, &offsets, &consumer, &stop) {
                 Ok(()) => {
+                    consumer.context().brokers_back();
                     self.committed(&batch, &fresh, &counts);
                     summary.handled += batch.len() as u64;
                     summary.routed += counts.routed;

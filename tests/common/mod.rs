@@ -200,77 +200,116 @@ pub fn tansu_binary() -> PathBuf {
     })
 }
 
-/// A tansu broker with in-memory storage, as a child process on a free
-/// loopback port; killed on drop.
+/// A tansu broker as a child process on a free loopback port, with
+/// in-memory storage ([`Tansu::start`]) or SQLite storage that survives a
+/// restart ([`Tansu::start_persistent`]); killed on drop.
 pub struct Tansu {
     child: Option<Child>,
     port: u16,
+    storage: String,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Tansu {
     pub fn start() -> Tansu {
+        Tansu::start_with(|_| "memory://tansu/".to_string())
+    }
+
+    /// Storage in a SQLite file, so [`Tansu::restart`] keeps every topic.
+    pub fn start_persistent() -> Tansu {
+        // tansu reads the path as relative to its working directory, which
+        // is the broker's own temporary directory.
+        Tansu::start_with(|_| "sqlite://tansu.db".to_string())
+    }
+
+    fn start_with(storage: impl FnOnce(&Path) -> String) -> Tansu {
         init_logging();
-        let binary = tansu_binary();
         let dir = tempfile::tempdir().expect("a temp dir");
-        let log = dir.path().join("tansu.log");
+        let mut tansu = Tansu {
+            child: None,
+            port: 0,
+            storage: storage(dir.path()),
+            log: dir.path().join("tansu.log"),
+            _dir: dir,
+        };
         // Another process may take the port between the probe and tansu's
         // bind; then tansu exits and a new port is tried.
         for _ in 0..5 {
-            let port = free_port();
-            let url = format!("tcp://127.0.0.1:{port}");
-            let out = std::fs::File::create(&log).expect("the tansu log");
-            let err = out.try_clone().expect("the tansu log");
-            let mut child = Command::new(&binary)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ])
-                .env_remove("SCHEMA_REGISTRY")
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                // Its info level logs every request.
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-            let until = deadline(30);
-            let listening = wait_until(until, || {
-                matches!(child.try_wait(), Ok(Some(_)))
-                    || TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-                        .is_ok()
-            });
-            if matches!(child.try_wait(), Ok(Some(_))) || !listening {
-                let _ = child.kill();
-                let _ = child.wait();
-                continue;
+            tansu.port = free_port();
+            if tansu.launch() {
+                return tansu;
             }
-            let tansu = Tansu {
-                child: Some(child),
-                port,
-                log,
-                _dir: dir,
-            };
-            let probe: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", tansu.bootstrap())
-                .create()
-                .expect("a metadata client");
-            wait_for(until, "tansu to answer a metadata request", || {
-                probe.fetch_metadata(None, Duration::from_secs(1)).is_ok()
-            });
-            return tansu;
         }
-        panic!(
-            "tansu did not start; its last log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        panic!("tansu did not start; its last log:\n{}", tansu.log());
+    }
+
+    /// Starts the broker process on `self.port`; false if it did not come up.
+    fn launch(&mut self) -> bool {
+        let binary = tansu_binary();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("the tansu log");
+        let err = out.try_clone().expect("the tansu log");
+        let mut child = Command::new(&binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &self.storage,
+            ])
+            .current_dir(self._dir.path())
+            .env_remove("SCHEMA_REGISTRY")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            // Its info level logs every request.
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let port = self.port;
+        let until = deadline(30);
+        let listening = wait_until(until, || {
+            matches!(child.try_wait(), Ok(Some(_)))
+                || TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+                    .is_ok()
+        });
+        if matches!(child.try_wait(), Ok(Some(_))) || !listening {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        self.child = Some(child);
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("a metadata client");
+        wait_for(until, "tansu to answer a metadata request", || {
+            probe.fetch_metadata(None, Duration::from_secs(1)).is_ok()
+        });
+        true
+    }
+
+    /// Kills the broker (clients see it vanish mid-request).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let came_up = wait_until(deadline(30), || self.launch());
+        assert!(came_up, "tansu restarted on port {}", self.port);
     }
 
     pub fn bootstrap(&self) -> String {

@@ -115,11 +115,14 @@ pub fn send(config: &Config, topic: &str, decision: &Decision) -> Result<Deliver
     let _ = producer.flush(limit);
     let report = producer.context().result.lock().ok().and_then(|mut r| r.take());
     match report {
-        Some(Ok((partition, offset))) => Ok(Delivered {
-            topic: topic.to_string(),
-            partition,
-            offset,
-        }),
+        Some(Ok((partition, offset))) => {
+            tracing::debug!(topic, partition, offset, "decision acknowledged");
+            Ok(Delivered {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            })
+        }
         Some(Err(reason)) => Err(DecideError::NotDelivered {
             topic: topic.to_string(),
             reason,

@@ -124,6 +124,7 @@ pub fn run(
         }
     }
 
+    tracing::debug!(topic = %options.topic, entries = inbox.items().len(), "read to the end");
     let now = clock.now();
     let mut waiting = 0;
     for item in inbox.items() {
@@ -219,6 +220,7 @@ fn assign(consumer: &BaseConsumer, options: &Options) -> Result<Vec<(String, i32
     consumer
         .assign(&assignment)
         .map_err(KafkaStageError::kafka("assigning the inbox reader"))?;
+    tracing::debug!(partitions = assignment.count(), "inbox reader assigned");
     Ok(targets)
 }
 

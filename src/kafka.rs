@@ -296,6 +296,36 @@ mod tests {
         }
     }
 
+    /// librdkafka is built with TLS (OpenSSL) and SCRAM: every client
+    /// accepts the settings of a SASL_SSL cluster. (Creating a client does
+    /// not connect; nothing listens on port 9.)
+    #[test]
+    fn every_client_can_be_created_for_a_sasl_ssl_cluster() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        let config = Config::client(
+            "127.0.0.1:9",
+            KafkaProperties(vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
+                ("sasl.username".into(), "switchboard".into()),
+                ("sasl.password".into(), "hunter2".into()),
+                ("ssl.ca.location".into(), "probe".into()),
+                ("ssl.endpoint.identification.algorithm".into(), "https".into()),
+            ]),
+        );
+        let admin: Result<AdminClient<DefaultClientContext>, _> = base_config(&config).create();
+        assert!(admin.is_ok(), "admin client: {:?}", admin.err());
+        for (name, client) in every_client(&config) {
+            let created = if name.contains("producer") {
+                client.create::<BaseProducer>().map(drop)
+            } else {
+                client.create::<BaseConsumer>().map(drop)
+            };
+            assert!(created.is_ok(), "{name}: {:?}", created.err());
+        }
+    }
+
     #[test]
     fn pass_through_overrides_switchboard_defaults_but_not_its_invariants() {
         let mut config = secured();

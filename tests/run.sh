@@ -14,6 +14,16 @@ if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q
   cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
 fi
 
+# OpenSSL's headers: librdkafka is built with TLS (rdkafka's `ssl` feature),
+# so that SASL_SSL and SCRAM work (README, "Security").
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "== installing Debian's libssl-dev and pkg-config (to build librdkafka with TLS)"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+  "${SUDO[@]}" apt-get update
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y libssl-dev pkg-config
+fi
+
 # promtool, from Debian's prometheus package: the alert rules are checked and
 # unit-tested with it, and tests/ops.rs parses every dashboard query with it.
 if ! command -v promtool >/dev/null 2>&1; then

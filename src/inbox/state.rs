@@ -130,10 +130,13 @@ impl Inbox {
             None => {
                 self.pending.remove(action_id);
             }
-            Some(record) => match self.pending.get(action_id) {
+            Some(mut record) => match self.pending.get(action_id) {
                 // A replayed older revision tells nothing new.
                 Some(known) if known.revision > record.revision => {}
                 _ => {
+                    // The level-0 packets are most of a record and the lane's
+                    // topic has them; the whole changelog is held here.
+                    record.packets = Vec::new();
                     self.pending.insert(action_id.to_string(), record);
                 }
             },

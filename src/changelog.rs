@@ -128,7 +128,7 @@ impl Drop for TableReader {
 
 /// Positions (which step over transaction markers, unlike the offsets of
 /// records) have reached every start-time high watermark.
-fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
+pub(crate) fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
     let Ok(positions) = consumer.position() else {
         return false;
     };

@@ -5,14 +5,16 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Guarantee, Stage};
+use crate::decision::Verdict;
 use crate::decode::Decoder;
 use crate::enrich::{Directory, Record, enrich};
 use crate::explain::explain;
 use crate::matrix::Matrix;
 use crate::metrics::Metrics;
+use crate::properties::{KafkaProperties, PropertiesError, Property};
 use crate::topics::Topics;
 
 #[derive(Debug, Parser)]
@@ -56,13 +58,125 @@ pub enum Command {
         /// The matrix file.
         file: PathBuf,
     },
+    /// Show the approvals waiting at a lane: the newest step of each, with
+    /// what is missing, who is asked, when it is due and how to answer.
+    ///
+    /// A plain reader: no consumer group, nothing committed.
+    /// Exit status: 0 shown, 1 Kafka failed, 2 invalid configuration.
+    Inbox(Box<InboxArgs>),
+    /// Answer an approval: write a Decision to approvals.decisions and wait
+    /// for the broker's acknowledgement.
+    ///
+    /// Exit status: 0 written, 1 not written, 2 invalid configuration.
+    Decide(Box<DecideArgs>),
+}
+
+/// How switchboard reaches Kafka; the same for `run`, `inbox` and `decide`.
+#[derive(Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT…].
+    #[arg(long, env = "SWITCHBOARD_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    /// A librdkafka property passed through (TLS, SASL, timeouts); repeatable;
+    /// overrides --kafka-config. Values may hold ${env:NAME} and ${file:/path}.
+    /// From the environment: comma-separated KEY=VALUE pairs (never shown in --help).
+    #[arg(
+        long = "kafka",
+        value_name = "KEY=VALUE",
+        env = "SWITCHBOARD_KAFKA",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka: Vec<Property>,
+    /// A properties file of librdkafka properties (key=value lines, # comments),
+    /// applied before --kafka. Values may hold ${env:NAME} and ${file:/path}.
+    #[arg(long, value_name = "FILE", env = "SWITCHBOARD_KAFKA_CONFIG")]
+    pub kafka_config: Option<PathBuf>,
+}
+
+impl KafkaArgs {
+    /// The pass-through properties: the file's, then the flags', with every
+    /// secret reference resolved.
+    pub fn properties(&self) -> Result<KafkaProperties, PropertiesError> {
+        crate::properties::load(self.kafka_config.as_deref(), &self.kafka)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InboxArgs {
+    /// The lane whose approvals to show.
+    pub lane: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The matrix, to find the lane's topic (default: approvals.<LANE>).
+    #[arg(long, env = "SWITCHBOARD_MATRIX")]
+    pub matrix: Option<PathBuf>,
+    /// The lane's topic, overriding the matrix.
+    #[arg(long, env = "SWITCHBOARD_TOPIC")]
+    pub topic: Option<String>,
+    /// Show the whole history of the lane's topic: also the approvals that
+    /// closed, were decided or escalated elsewhere, marked as such. Without
+    /// it, only what still waits.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Keep running and print new packets (and the closing of those shown)
+    /// as they arrive.
+    #[arg(long)]
+    pub follow: bool,
+    /// Output format: text for people, json for one packet per line.
+    #[arg(long, value_enum, default_value_t = Format::Text, env = "SWITCHBOARD_FORMAT")]
+    pub format: Format,
+    #[arg(long, default_value = crate::topics::OUTCOMES, env = "SWITCHBOARD_OUTCOMES_TOPIC")]
+    pub outcomes_topic: String,
+    #[arg(long, default_value = crate::topics::PENDING, env = "SWITCHBOARD_PENDING_TOPIC")]
+    pub pending_topic: String,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("verdict").required(true).args(["approve", "reject", "needs_context"])))]
+pub struct DecideArgs {
+    /// The action to answer.
+    pub action_id: String,
+    /// The lane deciding (the packet's `lane`).
+    #[arg(long, env = "SWITCHBOARD_LANE")]
+    pub lane: String,
+    /// Approve the action on this lane.
+    #[arg(long)]
+    pub approve: bool,
+    /// Reject it; closes the approval as rejected.
+    #[arg(long)]
+    pub reject: bool,
+    /// Ask the agent for more context; closes the approval as needs_context.
+    #[arg(long)]
+    pub needs_context: bool,
+    /// Who decides: a name on the roster of the lane's current step.
+    #[arg(long, env = "SWITCHBOARD_BY")]
+    pub by: String,
+    /// Why, for the agent and the record.
+    #[arg(long)]
+    pub comment: Option<String>,
+    #[arg(long, default_value = crate::topics::DECISIONS, env = "SWITCHBOARD_DECISIONS_TOPIC")]
+    pub decisions_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+impl DecideArgs {
+    fn verdict(&self) -> Verdict {
+        if self.approve {
+            Verdict::Approve
+        } else if self.reject {
+            Verdict::Reject
+        } else {
+            Verdict::NeedsContext
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT…].
-    #[arg(long, env = "SWITCHBOARD_BOOTSTRAP_SERVERS")]
-    pub bootstrap_servers: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// The matrix file; watched and reloaded on change or SIGHUP.
     #[arg(long, env = "SWITCHBOARD_MATRIX")]
     pub matrix: PathBuf,
@@ -81,10 +195,6 @@ pub struct RunArgs {
     /// Exit 0 once this many input records are handled and committed.
     #[arg(long, env = "SWITCHBOARD_MAX_EVENTS")]
     pub max_events: Option<u64>,
-    /// A librdkafka property passed through (TLS, SASL, timeouts); repeatable.
-    /// From the environment: comma-separated KEY=VALUE pairs.
-    #[arg(long = "kafka", value_name = "KEY=VALUE", env = "SWITCHBOARD_KAFKA", value_delimiter = ',', value_parser = parse_key_value)]
-    pub kafka: Vec<(String, String)>,
     /// Partitions of the topics switchboard creates.
     #[arg(long, default_value_t = 3, env = "SWITCHBOARD_PARTITIONS")]
     pub partitions: i32,
@@ -125,14 +235,17 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn into_config(self) -> Config {
-        let mut c = Config::new(self.bootstrap_servers, self.matrix);
+    /// The configuration of `run`; fails when a pass-through property or
+    /// its secret cannot be read.
+    pub fn into_config(self) -> Result<Config, PropertiesError> {
+        let kafka = self.kafka.properties()?;
+        let mut c = Config::new(self.kafka.bootstrap_servers, self.matrix);
         c.stage = self.stage;
         c.guarantee = self.guarantee;
         c.group_id = self.group_id;
         c.metrics_addr = Some(self.metrics_addr).filter(|a| !a.is_empty());
         c.max_events = self.max_events;
-        c.kafka = self.kafka;
+        c.kafka = kafka;
         c.partitions = self.partitions;
         c.replication_factor = self.replication_factor;
         c.max_record_bytes = self.max_record_bytes;
@@ -148,19 +261,12 @@ impl RunArgs {
             pending: self.pending_topic,
             dlq: self.dlq_topic,
         };
-        c
+        Ok(c)
     }
 }
 
 fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
     crate::matrix::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 7d, 36h or 90m"))
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -178,6 +284,8 @@ pub enum Format {
 /// Exit statuses shared by `explain` and `check`.
 const EXIT_INVALID_EVENT: u8 = 1;
 const EXIT_INVALID_MATRIX: u8 = 2;
+/// `run`, `inbox`, `decide`: the configuration (properties, secrets, matrix) is unusable.
+const EXIT_INVALID_CONFIG: u8 = 2;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -191,12 +299,20 @@ pub fn main() -> ExitCode {
             event,
         } => explain_cmd(&matrix, format, directory.as_deref(), &event),
         Command::Check { file } => check_cmd(&file),
+        Command::Inbox(args) => inbox_cmd(*args),
+        Command::Decide(args) => decide_cmd(*args),
     }
 }
 
 fn run_cmd(args: RunArgs) -> ExitCode {
     init_logging(args.log_format);
-    let config = args.into_config();
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid Kafka configuration");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -242,6 +358,106 @@ pub fn init_logging_quiet() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+fn inbox_cmd(args: InboxArgs) -> ExitCode {
+    init_logging_quiet();
+    let kafka = match args.kafka.properties() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("invalid Kafka configuration: {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let topic = match args.topic {
+        Some(topic) => topic,
+        None => {
+            let matrix = match args.matrix.as_deref().map(Matrix::load).transpose() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("invalid matrix: {e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            };
+            match crate::inbox::lane_topic(&args.lane, matrix.as_ref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            }
+        }
+    };
+    let config = Config::client(args.kafka.bootstrap_servers, kafka);
+    let options = crate::inbox::Options {
+        topic,
+        outcomes_topic: args.outcomes_topic,
+        pending_topic: args.pending_topic,
+        all: args.from_beginning,
+        follow: args.follow,
+        output: match args.format {
+            Format::Text => crate::inbox::Output::Text,
+            Format::Json => crate::inbox::Output::Json,
+        },
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut out = std::io::stdout().lock();
+    match crate::inbox::run(&config, &options, &mut out, &crate::clock::SystemClock, &stop) {
+        Ok(_) => ExitCode::SUCCESS,
+        // `switchboard inbox finance | head`: the reader left; nothing is wrong.
+        Err(crate::inbox::InboxError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard inbox: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn decide_cmd(args: DecideArgs) -> ExitCode {
+    init_logging_quiet();
+    let kafka = match args.kafka.properties() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("invalid Kafka configuration: {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let decision = match crate::decide::decision(
+        &args.action_id,
+        &args.lane,
+        args.verdict(),
+        &args.by,
+        args.comment.as_deref(),
+        chrono::Utc::now(),
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("switchboard decide: {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let config = Config::client(args.kafka.bootstrap_servers, kafka);
+    match crate::decide::send(&config, &args.decisions_topic, &decision) {
+        Ok(at) => {
+            println!(
+                "{} {} on lane {} by {}: written to {} (partition {}, offset {})",
+                decision.verdict.as_str(),
+                decision.action_id,
+                decision.lane,
+                decision.approver,
+                at.topic,
+                at.partition,
+                at.offset,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard decide: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn explain_cmd(matrix_path: &Path, format: Format, directory: Option<&Path>, event: &Path) -> ExitCode {

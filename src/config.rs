@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::properties::KafkaProperties;
 use crate::topics::Topics;
 
 /// Which stages a process runs.
@@ -45,8 +46,9 @@ pub struct Config {
     /// Exit 0 after this many input records are handled and committed.
     pub max_events: Option<u64>,
     /// librdkafka properties passed through unchanged (TLS, SASL, timeouts),
-    /// applied after switchboard's own so they win.
-    pub kafka: Vec<(String, String)>,
+    /// applied after switchboard's own so they win. References to secrets
+    /// are already resolved; `Debug` prints secret values as `***`.
+    pub kafka: KafkaProperties,
     pub topics: Topics,
     /// Partitions for topics switchboard creates.
     pub partitions: i32,
@@ -77,7 +79,7 @@ impl Config {
             group_id: "switchboard".into(),
             metrics_addr: None,
             max_events: None,
-            kafka: Vec::new(),
+            kafka: KafkaProperties::default(),
             topics: Topics::default(),
             partitions: 3,
             replication_factor: 1,
@@ -87,5 +89,13 @@ impl Config {
             schemas_dir: None,
             closed_retention: DEFAULT_CLOSED_RETENTION,
         }
+    }
+
+    /// A configuration for tools that only talk to Kafka (`inbox`,
+    /// `decide`): no matrix, no stages.
+    pub fn client(bootstrap_servers: impl Into<String>, kafka: KafkaProperties) -> Self {
+        let mut config = Config::new(bootstrap_servers, PathBuf::new());
+        config.kafka = kafka;
+        config
     }
 }

@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
 use crate::matrix::Matrix;
+use crate::properties::is_secret;
 
 /// Errors at the Kafka edge, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -29,14 +30,28 @@ pub enum KafkaStageError {
 }
 
 impl KafkaStageError {
+    /// Wraps a Kafka error with what was being done. librdkafka quotes a
+    /// refused property value in its message; for a secret-looking key the
+    /// value is left out.
     pub fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaStageError {
         let context = context.into();
-        move |source| KafkaStageError::Kafka { context, source }
+        move |source| match source {
+            KafkaError::ClientConfig(_, _, key, _) if is_secret(&key) => KafkaStageError::Other(format!(
+                "{context}: librdkafka refuses the value of Kafka property {key} (not shown)"
+            )),
+            source => KafkaStageError::Kafka { context, source },
+        }
     }
 }
 
-/// Properties every client shares. Pass-through properties come last so an
-/// operator can override anything switchboard sets.
+// Every client switchboard creates is configured by one of the functions
+// below, and each applies the operator's pass-through properties
+// (`--kafka-config`, `--kafka`: TLS, SASL, timeouts) after switchboard's
+// own; the unit tests at the end check that each one carries them.
+
+/// Properties every client shares (the admin client that creates topics
+/// uses exactly these). Pass-through properties come last so an operator
+/// can override anything switchboard sets.
 pub fn base_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap_servers);
@@ -73,6 +88,27 @@ pub fn reader_config(config: &Config) -> ClientConfig {
     let mut c = consumer_config(config, "switchboard-reader");
     // Lag of a group-less reader means nothing; stats would only add noise.
     c.set("statistics.interval.ms", "0");
+    c
+}
+
+/// The escalation stage's group consumer. Co-partitioning: partition p of
+/// pending and of decisions go to the same instance only with the range
+/// assignor, so that one setting is not the operator's to change.
+pub fn escalation_consumer_config(config: &Config, group_id: &str) -> ClientConfig {
+    let mut c = consumer_config(config, group_id);
+    c.set("partition.assignment.strategy", "range");
+    c
+}
+
+/// The producer of `switchboard decide`: idempotent, acknowledged by every
+/// in-sync replica, with switchboard's partitioner (a decision must land on
+/// its pending record's partition), and giving up after 30 s unless the
+/// operator sets a delivery timeout.
+pub fn decision_producer_config(config: &Config) -> ClientConfig {
+    let mut c = producer_config(config, None);
+    if config.kafka.get("message.timeout.ms").is_none() && config.kafka.get("delivery.timeout.ms").is_none() {
+        c.set("message.timeout.ms", "30000");
+    }
     c
 }
 
@@ -209,5 +245,132 @@ impl InputRecord {
                 })
                 .unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::properties::KafkaProperties;
+
+    fn secured() -> Config {
+        Config::client(
+            "broker:9093",
+            KafkaProperties(vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
+                ("sasl.username".into(), "switchboard".into()),
+                ("sasl.password".into(), "hunter2".into()),
+                ("ssl.ca.location".into(), "/etc/kafka/ca.pem".into()),
+            ]),
+        )
+    }
+
+    /// Every client switchboard creates, by the function that configures it.
+    fn every_client(config: &Config) -> Vec<(&'static str, ClientConfig)> {
+        vec![
+            ("admin client (topic creation)", base_config(config)),
+            ("route consumer", consumer_config(config, "switchboard")),
+            (
+                "escalation consumer",
+                escalation_consumer_config(config, "switchboard.escalate"),
+            ),
+            ("changelog, directory and inbox readers", reader_config(config)),
+            (
+                "transactional producer",
+                producer_config(config, Some("switchboard-route-1")),
+            ),
+            ("at-least-once producer", producer_config(config, None)),
+            ("decide producer", decision_producer_config(config)),
+        ]
+    }
+
+    #[test]
+    fn every_client_carries_the_security_settings() {
+        let config = secured();
+        for (name, client) in every_client(&config) {
+            for (key, value) in config.kafka.iter() {
+                assert_eq!(client.get(key), Some(value.as_str()), "{name}: {key}");
+            }
+            assert_eq!(client.get("bootstrap.servers"), Some("broker:9093"), "{name}");
+        }
+    }
+
+    /// librdkafka is built with TLS (OpenSSL) and SCRAM: every client
+    /// accepts the settings of a SASL_SSL cluster. (Creating a client does
+    /// not connect; nothing listens on port 9.)
+    #[test]
+    fn every_client_can_be_created_for_a_sasl_ssl_cluster() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        let config = Config::client(
+            "127.0.0.1:9",
+            KafkaProperties(vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
+                ("sasl.username".into(), "switchboard".into()),
+                ("sasl.password".into(), "hunter2".into()),
+                ("ssl.ca.location".into(), "probe".into()),
+                ("ssl.endpoint.identification.algorithm".into(), "https".into()),
+            ]),
+        );
+        let admin: Result<AdminClient<DefaultClientContext>, _> = base_config(&config).create();
+        assert!(admin.is_ok(), "admin client: {:?}", admin.err());
+        for (name, client) in every_client(&config) {
+            let created = if name.contains("producer") {
+                client.create::<BaseProducer>().map(drop)
+            } else {
+                client.create::<BaseConsumer>().map(drop)
+            };
+            assert!(created.is_ok(), "{name}: {:?}", created.err());
+        }
+    }
+
+    #[test]
+    fn pass_through_overrides_switchboard_defaults_but_not_its_invariants() {
+        let mut config = secured();
+        config.kafka.push(("client.id".into(), "finance-team".into()));
+        config
+            .kafka
+            .push(("partition.assignment.strategy".into(), "roundrobin".into()));
+        config.kafka.push(("message.timeout.ms".into(), "5000".into()));
+        for (name, client) in every_client(&config) {
+            assert_eq!(client.get("client.id"), Some("finance-team"), "{name}");
+        }
+        // Co-partitioning needs the range assignor whatever the operator says.
+        let escalation = escalation_consumer_config(&config, "g");
+        assert_eq!(escalation.get("partition.assignment.strategy"), Some("range"));
+        let decide = decision_producer_config(&config);
+        assert_eq!(decide.get("message.timeout.ms"), Some("5000"));
+        assert_eq!(decide.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(
+            decision_producer_config(&secured()).get("message.timeout.ms"),
+            Some("30000")
+        );
+        assert_eq!(
+            reader_config(&config).get("isolation.level"),
+            Some("read_committed")
+        );
+        assert_eq!(reader_config(&config).get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
+    fn debug_of_a_config_hides_the_password() {
+        let shown = format!("{:?}", secured());
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn a_refused_secret_value_is_not_quoted() {
+        let error = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"hunter2\" for configuration property \"sasl.password\"".into(),
+            "sasl.password".into(),
+            "hunter2".into(),
+        );
+        let message = KafkaStageError::kafka("creating a reader")(error).to_string();
+        assert!(message.contains("sasl.password"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
     }
 }

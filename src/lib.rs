@@ -30,6 +30,9 @@
 //! * [`demo`]: `switchboard demo`, on an in-process cluster.
 //! * [`metrics`]: the one place Prometheus metrics are defined.
 //! * [`http`]: the tiny server behind `/metrics`, `/healthz` and `/readyz`.
+//! * [`properties`]: pass-through Kafka properties (file, flags, secret references).
+//! * [`inbox`]: `switchboard inbox`, what waits at a lane, for a person.
+//! * [`decide`]: `switchboard decide`, a person's answer as a Decision.
 //! * [`cli`]: the command line; `main.rs` only calls it.
 //!
 //! The core (decode → enrich → route → packet) is pure: plain values in,
@@ -40,6 +43,7 @@ pub mod changelog;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod decide;
 pub mod decision;
 pub mod decode;
 pub mod dedup;
@@ -49,12 +53,14 @@ pub mod enrich;
 pub mod escalation;
 pub mod explain;
 pub mod http;
+pub mod inbox;
 pub mod kafka;
 pub mod matrix;
 pub mod metrics;
 pub mod ordered;
 pub mod packet;
 pub mod pending;
+pub mod properties;
 pub mod reload;
 pub mod route;
 pub mod sink;

@@ -653,6 +653,12 @@ fn env_of(container: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether `switchboard run --help` names `var` (`[env: VAR=value]`, or
+/// `[env: VAR]` for a variable whose value it hides, as SWITCHBOARD_KAFKA).
+fn reads_env(help: &str, var: &str) -> bool {
+    help.contains(&format!("[env: {var}=")) || help.contains(&format!("[env: {var}]"))
+}
+
 /// `switchboard run --help`: the flags and their SWITCHBOARD_* variables.
 fn run_help() -> String {
     let out = switchboard_command()
@@ -716,7 +722,7 @@ fn kubernetes_manifests_keep_their_invariants() {
                 "{name}: {var} is a switchboard setting"
             );
             assert!(
-                help.contains(&format!("[env: {var}=")),
+                reads_env(&help, var),
                 "{name}: {var} is read by `switchboard run` (see its --help)"
             );
         }
@@ -956,10 +962,7 @@ fn compose_file_wires_the_stack() {
         );
         let env = service["environment"].as_object().expect("an environment");
         for var in env.keys() {
-            assert!(
-                help.contains(&format!("[env: {var}=")),
-                "{var} is read by `switchboard run`"
-            );
+            assert!(reads_env(&help, var), "{var} is read by `switchboard run`");
         }
         group_ids.insert(str_of(&env["SWITCHBOARD_GROUP_ID"], "the group id").to_string());
         let matrix = str_of(&env["SWITCHBOARD_MATRIX"], "the matrix path");

@@ -33,7 +33,7 @@ use crate::decode::SchemaSource;
 use crate::dlq::{self, Failed};
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
 use crate::http::Health;
-use crate::kafka::{KafkaStageError, consumer_config};
+use crate::kafka::{KafkaStageError, escalation_consumer_config};
 use crate::metrics::Metrics;
 use crate::pending::{OwnedPendingRecord, Status};
 use crate::reload::MatrixHandle;
@@ -145,10 +145,7 @@ impl EscalateStage {
     pub fn run(&self, stop: Arc<AtomicBool>) -> Result<EscalateSummary, KafkaStageError> {
         let config = &self.config;
         let topics = &config.topics;
-        let mut client = consumer_config(config, &escalation_group(&config.group_id));
-        // Co-partitioning: partition p of pending and of decisions go to the
-        // same instance only with the range assignor.
-        client.set("partition.assignment.strategy", "range");
+        let client = escalation_consumer_config(config, &escalation_group(&config.group_id));
         let consumer: BaseConsumer<StageContext> = client
             .create_with_context(StageContext::new(self.metrics.clone()).with_health(self.health.clone()))
             .map_err(KafkaStageError::kafka("creating the escalation consumer"))?;

@@ -19,6 +19,56 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::config::Config;
 use crate::kafka::{KafkaStageError, reader_config};
 
+/// Where a whole-topic read stops: (topic, partition, high watermark seen
+/// when it began), for the partitions that held anything.
+pub type Ends = Vec<(String, i32, i64)>;
+
+/// Assigns every partition of `topics` (only partition `only` when given)
+/// from the beginning and returns their ends, plus the topics that do not
+/// exist (for the caller to refuse or read as empty).
+pub fn assign_from_beginning(
+    consumer: &BaseConsumer,
+    topics: &[&str],
+    only: Option<i32>,
+) -> Result<(Ends, Vec<String>), KafkaStageError> {
+    let timeout = Duration::from_secs(10);
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    let mut missing = Vec::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == *topic && t.error().is_none() && !t.partitions().is_empty());
+        let Some(found) = found else {
+            missing.push(topic.to_string());
+            continue;
+        };
+        for p in found
+            .partitions()
+            .iter()
+            .filter(|p| only.is_none_or(|o| o == p.id()))
+        {
+            assignment
+                .add_partition_offset(topic, p.id(), Offset::Beginning)
+                .map_err(KafkaStageError::kafka("building the assignment"))?;
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), timeout)
+                .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
+            if high > 0 {
+                ends.push((topic.to_string(), p.id(), high));
+            }
+        }
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(KafkaStageError::kafka("assigning a reader"))?;
+    Ok((ends, missing))
+}
+
 /// Receives each record: topic, key, and value (`None` for a tombstone).
 pub type Apply = Box<dyn FnMut(&str, &[u8], Option<&[u8]>) + Send>;
 
@@ -41,34 +91,11 @@ impl TableReader {
         let consumer: BaseConsumer = reader_config(config)
             .create()
             .map_err(KafkaStageError::kafka(format!("creating the {name} reader")))?;
-        let timeout = Duration::from_secs(10);
-        let mut assignment = TopicPartitionList::new();
-        let mut targets: Vec<(String, i32, i64)> = Vec::new();
-        for topic in &topics {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), timeout)
-                .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
-            for t in metadata.topics() {
-                if t.error().is_some() {
-                    tracing::info!(topic = %topic, reader = name, "topic not found; reading it as empty");
-                    continue;
-                }
-                for p in t.partitions() {
-                    assignment
-                        .add_partition_offset(topic, p.id(), Offset::Beginning)
-                        .map_err(KafkaStageError::kafka("building the assignment"))?;
-                    let (_, high) = consumer
-                        .fetch_watermarks(topic, p.id(), timeout)
-                        .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
-                    if high > 0 {
-                        targets.push((topic.clone(), p.id(), high));
-                    }
-                }
-            }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let (targets, missing) = assign_from_beginning(&consumer, &names, None)?;
+        for topic in missing {
+            tracing::info!(%topic, reader = name, "topic not found; reading it as empty");
         }
-        consumer
-            .assign(&assignment)
-            .map_err(KafkaStageError::kafka(format!("assigning the {name} reader")))?;
         let caught_up = Arc::new(AtomicBool::new(targets.is_empty()));
         let flag = caught_up.clone();
         let halt = Arc::new(AtomicBool::new(false));
@@ -179,35 +206,21 @@ fn read_partitions(
     let consumer: BaseConsumer = reader_config(config)
         .create()
         .map_err(KafkaStageError::kafka("creating a reader"))?;
-    let timeout = Duration::from_secs(10);
-    let mut assignment = TopicPartitionList::new();
-    let mut targets = Vec::new();
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
-        for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
-            for p in t.partitions().iter().filter(|p| only.is_none_or(|o| o == p.id())) {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p.id(), timeout)
-                    .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
-                let end = high.max(at_least);
-                if end > 0 {
-                    assignment
-                        .add_partition_offset(topic, p.id(), Offset::Beginning)
-                        .map_err(KafkaStageError::kafka("building the assignment"))?;
-                    targets.push((topic.to_string(), p.id(), end));
-                }
-            }
-        }
+    let (mut targets, _) = assign_from_beginning(&consumer, topics, only)?;
+    // The committed offset may lie beyond what the broker calls the end.
+    for (_, _, end) in &mut targets {
+        *end = (*end).max(at_least);
+    }
+    if targets.is_empty()
+        && at_least > 0
+        && let (Some(topic), Some(partition)) = (topics.first(), only)
+    {
+        targets.push((topic.to_string(), partition, at_least));
     }
     let mut out = Vec::new();
     if targets.is_empty() {
         return Ok(out);
     }
-    consumer
-        .assign(&assignment)
-        .map_err(KafkaStageError::kafka("assigning a reader"))?;
     let deadline = std::time::Instant::now() + limit;
     while !reached(&consumer, &targets) {
         if std::time::Instant::now() >= deadline {

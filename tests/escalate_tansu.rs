@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use common::*;
 use serde_json::{Value, json};
-use switchboard::config::{Config, Guarantee};
+use switchboard::config::Config;
 use switchboard::matrix::Matrix;
 
 const GROUP: &str = "tansu-escalate";
@@ -23,36 +23,13 @@ fn short_sla() -> PathBuf {
     manifest_dir().join("tests/data/short-sla.yaml")
 }
 
-fn tansu_config(tansu: &Tansu) -> Config {
-    let mut config = route_config(&tansu.bootstrap(), &short_sla(), Guarantee::AtLeastOnce);
-    config.kafka.push(("fetch.wait.max.ms".into(), "10".into()));
-    config.partitions = 3;
-    config.group_id = GROUP.into();
-    config
+fn config(tansu: &Tansu) -> Config {
+    tansu_config(tansu, &short_sla(), GROUP)
 }
 
-/// `switchboard run --stage STAGE --guarantee at-least-once` in `GROUP`.
+/// `switchboard run --stage STAGE` in `GROUP` with the short-SLA matrix.
 fn instance(name: &str, tansu: &Tansu, stage: &str, addr: &str) -> Proc {
-    let mut cmd = switchboard_command();
-    cmd.args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
-        .arg(short_sla())
-        .args([
-            "--stage",
-            stage,
-            "--guarantee",
-            "at-least-once",
-            "--partitions",
-            "3",
-        ])
-        .args(["--group-id", GROUP, "--metrics-addr", addr])
-        .args(["--kafka", "fetch.wait.max.ms=10"])
-        .args([
-            "--kafka",
-            "session.timeout.ms=6000",
-            "--kafka",
-            "heartbeat.interval.ms=500",
-        ]);
-    Proc::spawn(name, cmd)
+    Proc::spawn(name, tansu_instance(tansu, &short_sla(), stage, GROUP, addr))
 }
 
 fn gauge(addr: &str, series: &str) -> f64 {
@@ -79,6 +56,26 @@ fn values(records: &[switchboard::changelog::ReadRecord], topic: &str, id: &str)
         .collect()
 }
 
+/// A refund over the finance threshold for each id, keyed by it, occurring
+/// `ahead` from now (the SLA clock starts then).
+fn send_refunds(config: &Config, ids: &[String], ahead: TimeDelta) {
+    let occurred_at = (Utc::now() + ahead).to_rfc3339();
+    let producer = Producer::new(&config.bootstrap_servers);
+    for id in ids {
+        let action = json!({
+            "action_id": id, "occurred_at": occurred_at, "agent_id": "billing-agent",
+            "summary": "refund", "kind": "refund.issue", "signals": {"amount": "500"},
+        });
+        producer.send(
+            &config.topics.actions,
+            None,
+            Some(id.as_bytes()),
+            Some(action.to_string().as_bytes()),
+        );
+    }
+    producer.flush();
+}
+
 fn is_reminder(p: &Value) -> bool {
     p["reminder"] == json!(true)
 }
@@ -96,7 +93,7 @@ fn levels<'a>(packets: impl Iterator<Item = &'a Value>) -> Vec<i64> {
 #[test]
 fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = config(&tansu);
     let matrix = Matrix::load(&short_sla()).expect("the test matrix loads");
     ensure_topics(&config, &matrix);
 
@@ -118,22 +115,8 @@ fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
 
     // The SLA clock starts at occurred_at: a few seconds ahead, so routing
     // and the hand-over happen before the first reminder (80 % of 2 s).
-    let occurred_at = (Utc::now() + TimeDelta::seconds(5)).to_rfc3339();
     let ids: Vec<String> = (0..12).map(|i| format!("rb-{i}")).collect();
-    let producer = Producer::new(&config.bootstrap_servers);
-    for id in &ids {
-        let action = json!({
-            "action_id": id, "occurred_at": occurred_at, "agent_id": "billing-agent",
-            "summary": "refund", "kind": "refund.issue", "signals": {"amount": "500"},
-        });
-        producer.send(
-            &config.topics.actions,
-            None,
-            Some(id.as_bytes()),
-            Some(action.to_string().as_bytes()),
-        );
-    }
-    producer.flush();
+    send_refunds(&config, &ids, TimeDelta::seconds(5));
     wait_for(deadline(60), "every approval held, by both instances", || {
         let (ha, hb) = (held(&addrs[1]), held(&addrs[2]));
         ha > 0.0 && hb > 0.0 && ha + hb == ids.len() as f64
@@ -192,7 +175,7 @@ fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
 #[test]
 fn sigkill_during_a_burst_of_expiries_skips_no_step() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = config(&tansu);
     let matrix = Matrix::load(&short_sla()).expect("the test matrix loads");
     ensure_topics(&config, &matrix);
     let group = format!("{GROUP}.escalate");
@@ -212,22 +195,8 @@ fn sigkill_during_a_burst_of_expiries_skips_no_step() {
     });
 
     // 300 approvals whose SLA passes at one moment, a few seconds ahead.
-    let occurred_at = (Utc::now() + TimeDelta::seconds(4)).to_rfc3339();
     let ids: Vec<String> = (0..300).map(|i| format!("burst-{i}")).collect();
-    let producer = Producer::new(&config.bootstrap_servers);
-    for id in &ids {
-        let action = json!({
-            "action_id": id, "occurred_at": occurred_at, "agent_id": "billing-agent",
-            "summary": "refund", "kind": "refund.issue", "signals": {"amount": "500"},
-        });
-        producer.send(
-            &config.topics.actions,
-            None,
-            Some(id.as_bytes()),
-            Some(action.to_string().as_bytes()),
-        );
-    }
-    producer.flush();
+    send_refunds(&config, &ids, TimeDelta::seconds(4));
     wait_for(deadline(60), "every approval held", || {
         held(&addr) == ids.len() as f64
     });

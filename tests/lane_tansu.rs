@@ -12,27 +12,14 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use common::*;
 use serde_json::{Value, json};
-use switchboard::config::{Config, Guarantee};
 use switchboard::matrix::Matrix;
 
 fn short_sla() -> PathBuf {
     manifest_dir().join("tests/data/short-sla.yaml")
 }
 
-fn tansu_config(tansu: &Tansu) -> Config {
-    let mut config = route_config(&tansu.bootstrap(), &short_sla(), Guarantee::AtLeastOnce);
-    config.kafka.push(("fetch.wait.max.ms".into(), "10".into()));
-    config.partitions = 3;
-    config
-}
-
-/// `switchboard ARGS… --bootstrap-servers B --kafka fetch.wait.max.ms=10`.
 fn switchboard(tansu: &Tansu, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = switchboard_command();
-    cmd.args(args)
-        .args(["--bootstrap-servers", &tansu.bootstrap()])
-        .args(["--kafka", "fetch.wait.max.ms=10"]);
-    Proc::spawn(name, cmd)
+    Proc::spawn(name, on_tansu(tansu, args))
 }
 
 fn finished(tansu: &Tansu, name: &str, args: &[&str]) -> String {
@@ -44,26 +31,13 @@ fn finished(tansu: &Tansu, name: &str, args: &[&str]) -> String {
 #[test]
 fn inbox_and_decide_on_tansu() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = tansu_config(&tansu, &short_sla(), "tansu-lane");
     let matrix = Matrix::load(&short_sla()).expect("the test matrix loads");
     ensure_topics(&config, &matrix);
     let addr = format!("127.0.0.1:{}", free_port());
-    let _stages = switchboard(
-        &tansu,
+    let _stages = Proc::spawn(
         "run",
-        &[
-            "run",
-            "--matrix",
-            short_sla().to_str().unwrap(),
-            "--guarantee",
-            "at-least-once",
-            "--partitions",
-            "3",
-            "--group-id",
-            "tansu-lane",
-            "--metrics-addr",
-            &addr,
-        ],
+        tansu_instance(&tansu, &short_sla(), "all", "tansu-lane", &addr),
     );
     wait_for(deadline(60), "the stages to be ready", || {
         http_get(&addr, "/readyz").is_some_and(|(s, _)| s == 200)

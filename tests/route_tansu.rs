@@ -13,44 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use switchboard::config::{Config, Guarantee};
+use switchboard::config::Config;
 use switchboard::enrich::Directory;
 
 const GROUP: &str = "tansu-route";
 
-/// The test's own clients: at-least-once, short fetch waits, 3 partitions.
-fn tansu_config(tansu: &Tansu) -> Config {
-    let mut config = route_config(&tansu.bootstrap(), &default_matrix_path(), Guarantee::AtLeastOnce);
-    config.kafka.push(("fetch.wait.max.ms".into(), "10".into()));
-    config.partitions = 3;
-    config.group_id = GROUP.into();
-    config
+fn config(tansu: &Tansu) -> Config {
+    tansu_config(tansu, &default_matrix_path(), GROUP)
 }
 
-/// `switchboard run --stage route --guarantee at-least-once` in `GROUP`,
-/// serving metrics on `addr`. A short session timeout lets the group notice
-/// a killed instance in seconds.
+/// `switchboard run --stage route` in `GROUP`, with JSON logs so the test
+/// can follow the instance's assignments.
 fn route_instance(name: &str, tansu: &Tansu, addr: &str) -> Proc {
-    let mut cmd = switchboard_command();
-    cmd.args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
-        .arg(default_matrix_path())
-        .args([
-            "--stage",
-            "route",
-            "--guarantee",
-            "at-least-once",
-            "--partitions",
-            "3",
-        ])
-        .args(["--group-id", GROUP, "--metrics-addr", addr])
-        .args(["--kafka", "fetch.wait.max.ms=10"])
-        .args([
-            "--kafka",
-            "session.timeout.ms=6000",
-            "--kafka",
-            "heartbeat.interval.ms=500",
-        ]);
-    // JSON logs, so the test can follow the instance's assignments.
+    let mut cmd = tansu_instance(tansu, &default_matrix_path(), "route", GROUP, addr);
     cmd.env("SWITCHBOARD_LOG_FORMAT", "json");
     Proc::spawn(name, cmd)
 }
@@ -165,7 +140,7 @@ fn nudge_group(config: &Config) {
 #[test]
 fn two_instances_share_the_partitions_and_survive_a_sigkill() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = config(&tansu);
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
 
@@ -283,7 +258,7 @@ const MAX_IN_FLIGHT_COPIES: usize = 8;
 #[test]
 fn a_restarted_instance_recognises_redeliveries() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = config(&tansu);
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
     let actions = config.topics.actions.clone();
@@ -359,7 +334,7 @@ const KILLS: usize = 10;
 #[test]
 fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
     let tansu = Tansu::start();
-    let config = tansu_config(&tansu);
+    let config = config(&tansu);
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
     let holds = |addr: &str| {

@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -180,7 +179,6 @@ pub fn run(
 /// Assigns every partition of the three topics from the beginning; returns
 /// the high watermarks to read to.
 fn assign(consumer: &BaseConsumer, options: &Options) -> Result<Vec<(String, i32, i64)>, InboxError> {
-    let timeout = Duration::from_secs(10);
     let topics: BTreeSet<&str> = [
         options.topic.as_str(),
         options.outcomes_topic.as_str(),
@@ -188,39 +186,15 @@ fn assign(consumer: &BaseConsumer, options: &Options) -> Result<Vec<(String, i32
     ]
     .into_iter()
     .collect();
-    let mut assignment = TopicPartitionList::new();
-    let mut targets = Vec::new();
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(KafkaStageError::kafka(format!("reading metadata of {topic}")))?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-        let Some(found) = found else {
-            if topic == options.topic {
-                return Err(InboxError::NoTopic(topic.to_string()));
-            }
-            tracing::warn!(topic, "topic not found; reading it as empty");
-            continue;
-        };
-        for p in found.partitions() {
-            assignment
-                .add_partition_offset(topic, p.id(), Offset::Beginning)
-                .map_err(KafkaStageError::kafka("building the assignment"))?;
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), timeout)
-                .map_err(KafkaStageError::kafka(format!("reading watermarks of {topic}")))?;
-            if high > 0 {
-                targets.push((topic.to_string(), p.id(), high));
-            }
+    let topics: Vec<&str> = topics.into_iter().collect();
+    let (targets, missing) = crate::changelog::assign_from_beginning(consumer, &topics, None)?;
+    for topic in missing {
+        if topic == options.topic {
+            return Err(InboxError::NoTopic(topic));
         }
+        tracing::warn!(%topic, "topic not found; reading it as empty");
     }
-    consumer
-        .assign(&assignment)
-        .map_err(KafkaStageError::kafka("assigning the inbox reader"))?;
-    tracing::debug!(partitions = assignment.count(), "inbox reader assigned");
+    tracing::debug!(partitions = targets.len(), "inbox reader assigned");
     Ok(targets)
 }
 

@@ -373,6 +373,45 @@ pub fn ensure_topics(config: &Config, matrix: &Matrix) {
         .expect("creating topics");
 }
 
+// --------------------------------------------------------- on tansu ----
+
+/// The test's own clients against tansu: at-least-once (tansu refuses
+/// librdkafka's transactions), 10 ms fetch waits (tansu holds a fetch that
+/// long even with records ready), 3 partitions, group `group`.
+pub fn tansu_config(tansu: &Tansu, matrix: &Path, group: &str) -> Config {
+    let mut config = route_config(&tansu.bootstrap(), matrix, Guarantee::AtLeastOnce);
+    config.kafka.push(("fetch.wait.max.ms".into(), "10".into()));
+    config.partitions = 3;
+    config.group_id = group.into();
+    config
+}
+
+/// `switchboard ARGS… --bootstrap-servers B --kafka fetch.wait.max.ms=10`.
+pub fn on_tansu(tansu: &Tansu, args: &[&str]) -> Command {
+    let mut cmd = switchboard_command();
+    cmd.args(args)
+        .args(["--bootstrap-servers", &tansu.bootstrap()])
+        .args(["--kafka", "fetch.wait.max.ms=10"]);
+    cmd
+}
+
+/// `switchboard run --stage STAGE --guarantee at-least-once` in `group` on
+/// tansu, serving metrics on `addr`. A short session timeout lets the group
+/// notice a killed instance in seconds.
+pub fn tansu_instance(tansu: &Tansu, matrix: &Path, stage: &str, group: &str, addr: &str) -> Command {
+    let mut cmd = on_tansu(tansu, &["run", "--stage", stage, "--guarantee", "at-least-once"]);
+    cmd.arg("--matrix")
+        .arg(matrix)
+        .args(["--partitions", "3", "--group-id", group, "--metrics-addr", addr])
+        .args([
+            "--kafka",
+            "session.timeout.ms=6000",
+            "--kafka",
+            "heartbeat.interval.ms=500",
+        ]);
+    cmd
+}
+
 // ------------------------------------------------------------- clients ----
 
 /// Counts failed deliveries, so a test never mistakes a lost input for a

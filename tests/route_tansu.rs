@@ -413,3 +413,84 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
         sent.len()
     );
 }
+
+/// Rebalances under load: three instances share the partitions; one is
+/// killed and, later, a fourth joins, while actions keep coming. Every
+/// input ends in exactly one destination set, one pending record per
+/// action, none missing.
+#[test]
+fn three_instances_one_killed_one_added_lose_and_double_nothing() {
+    let tansu = Tansu::start();
+    let config = config(&tansu);
+    let matrix = default_matrix();
+    ensure_topics(&config, &matrix);
+    let holds = |addr: &str| {
+        metric(
+            &scrape(addr),
+            r#"switchboard_assigned_partitions{topic="agent.actions"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let addrs: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut instances: Vec<Proc> = (0..3)
+        .map(|i| route_instance(&format!("member-{i}"), &tansu, &addrs[i]))
+        .collect();
+    wait_for(deadline(90), "three instances holding a partition each", || {
+        addrs[..3].iter().all(|a| holds(a) == 1.0)
+    });
+
+    let stream = Stream::start(&config, "trio");
+    wait_for(deadline(60), "all three routing", || {
+        addrs[..3].iter().all(|a| consumed(a).unwrap_or(0.0) > 0.0)
+    });
+    instances[1].signal("KILL");
+    assert!(!instances[1].wait(Duration::from_secs(10)).success());
+    // Once the killed member has timed out, a new generation shares its
+    // partition out (tansu 0.6.0 forms none on its own).
+    wait_for(deadline(90), "the survivors to hold every partition", || {
+        if holds(&addrs[0]) + holds(&addrs[2]) == 3.0 {
+            return true;
+        }
+        nudge_group(&config);
+        holds(&addrs[0]) + holds(&addrs[2]) == 3.0
+    });
+    let before = stream.sent();
+    wait_for(deadline(30), "more actions after the kill", || {
+        stream.sent() >= before + 60
+    });
+
+    instances.push(route_instance("member-3", &tansu, &addrs[3]));
+    wait_for(deadline(90), "the new member to take a share", || {
+        holds(&addrs[3]) > 0.0
+    });
+    let joined = consumed(&addrs[3]).unwrap_or(0.0);
+    wait_for(deadline(60), "the new member routing", || {
+        consumed(&addrs[3]).unwrap_or(0.0) > joined
+    });
+    let sent = stream.stop();
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
+        "every action routed"
+    );
+    for (_, instance) in instances.iter_mut().enumerate().filter(|(i, _)| *i != 1) {
+        instance.signal("TERM");
+        instance.wait_success(Duration::from_secs(30));
+    }
+
+    let inputs = read_to_markers(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    let (_, copies) = check_outputs_with(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read_to_markers(&config, &matrix),
+        Packets::IdenticalCopies,
+    );
+    assert!(
+        copies <= MAX_IN_FLIGHT_COPIES,
+        "{copies} packets written twice: more than the killed member's in-flight batch"
+    );
+}

@@ -818,3 +818,89 @@ fn sigterm_exits_zero_with_its_committed_work_intact() {
         &Outputs::read(&config, &matrix),
     );
 }
+
+/// Exactly once through crashes: `switchboard run` (a child process, on the
+/// mock cluster, transactions on) is killed with SIGKILL three times in the
+/// middle of its work, each kill leaving a transaction open, and started
+/// again. The killed transactions are aborted (they time out), their
+/// batches are routed again by the next instance, and a read_committed
+/// reader sees every action in exactly one destination set, each packet
+/// exactly once.
+#[test]
+fn sigkill_mid_transaction_leaves_every_action_exactly_once() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::ExactlyOnce);
+    quick_rejoin(&mut config);
+    config.group_id = "kill-group".into();
+    kafka.create_topics(&config, &matrix);
+    let instance = |name: &str, addr: &str| {
+        let mut cmd = switchboard_command();
+        cmd.args(["run", "--bootstrap-servers", &kafka.bootstrap(), "--matrix"])
+            .arg(default_matrix_path())
+            .args([
+                "--stage",
+                "route",
+                "--group-id",
+                "kill-group",
+                "--metrics-addr",
+                addr,
+            ])
+            // Small batches, so a kill falls inside one more often than not.
+            .args(["--batch-size", "20"])
+            .args([
+                "--kafka",
+                "session.timeout.ms=3000",
+                "--kafka",
+                "heartbeat.interval.ms=300",
+            ]);
+        Proc::spawn(name, cmd)
+    };
+    let consumed = |addr: &str| {
+        metric(
+            &scrape(addr),
+            r#"switchboard_events_consumed_total{topic="agent.actions"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let mut sent = Vec::new();
+    for kill in 0..3 {
+        let wave = valid_cases(&format!("kill-{kill}"), 200);
+        send_cases(&kafka.bootstrap(), &config.topics.actions, &wave);
+        sent.extend(wave);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut proc = instance(&format!("killed-{kill}"), &addr);
+        // Kill once it has committed some batches and is in the middle of others.
+        wait_for(deadline(60), "the instance routing", || consumed(&addr) >= 40.0);
+        proc.signal("KILL");
+        assert!(!proc.wait(Duration::from_secs(10)).success());
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut last = instance("last", &addr);
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    let ids: std::collections::HashSet<String> = sent
+        .iter()
+        .filter_map(|c| c.action_id().map(String::from))
+        .collect();
+    assert!(
+        tail.until(deadline(120), |records| {
+            let routed: std::collections::HashSet<&[u8]> =
+                records.iter().filter_map(|r| r.key.as_deref()).collect();
+            ids.iter().all(|id| routed.contains(id.as_bytes()))
+        }),
+        "every action routed in the end"
+    );
+    last.signal("TERM");
+    last.wait_success(Duration::from_secs(30));
+
+    let inputs = read(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+}

@@ -72,6 +72,10 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
+/// How long one flush waits before the sink checks its stop flag and
+/// reports itself unready.
+const FLUSH_SLICE: Duration = Duration::from_secs(1);
+
 pub struct Sink {
     producer: BaseProducer<DeliveryTracker>,
     guarantee: Guarantee,
@@ -195,9 +199,12 @@ impl Sink {
     }
 
     /// Sends every output and waits until each one is acknowledged, sending
-    /// failed ones again with backoff (the stage reports itself unready
-    /// meanwhile). Never gives up while the broker is away: offsets must not
-    /// move past unwritten outputs.
+    /// failed ones again with backoff. A write that is not acknowledged
+    /// within a second marks the stage unready until it is. Never gives up
+    /// while the broker is away: offsets must not move past unwritten
+    /// outputs. Only outputs whose delivery failed are sent again (librdkafka
+    /// itself retries the rest until `message.timeout.ms`), so an outage
+    /// leaves no copies behind.
     fn write_acknowledged(&self, outputs: &[&Output], stop: &AtomicBool) -> Result<(), SinkError> {
         if outputs.is_empty() {
             return Ok(());
@@ -205,35 +212,47 @@ impl Sink {
         let mut pending: Vec<usize> = (0..outputs.len()).collect();
         let mut backoff = Duration::from_millis(100);
         let mut retrying = false;
-        let result = loop {
-            let enqueue_error = pending
-                .iter()
-                .find_map(|&index| self.send(outputs[index], index).err());
-            let flushed = self.producer.flush(self.timeout);
+        let mut unready = |why: &str| {
+            if !retrying {
+                retrying = true;
+                self.set_ready(false, why);
+            }
+        };
+        let result = 'write: loop {
+            let mut enqueue_error = None;
+            for &index in &pending {
+                if let Err(e) = self.send(outputs[index], index) {
+                    enqueue_error = Some(e);
+                    break;
+                }
+            }
+            // Flush in slices, so a broker that is away is noticed (and a
+            // stop obeyed) within a second.
+            while self.producer.flush(FLUSH_SLICE).is_err() {
+                if stop.load(Ordering::Relaxed) {
+                    break 'write Err(SinkError::Interrupted);
+                }
+                unready("outputs not acknowledged by the broker; waiting");
+            }
             let failed = self.take_failures();
-            if enqueue_error.is_none() && flushed.is_ok() && failed.is_empty() {
+            if enqueue_error.is_none() && failed.is_empty() {
                 break Ok(());
             }
             if stop.load(Ordering::Relaxed) {
                 break Err(SinkError::Interrupted);
             }
-            if !retrying {
-                retrying = true;
-                self.set_ready(false, "outputs not acknowledged by the broker; retrying");
-            }
+            unready("outputs refused by the broker; retrying");
             tracing::warn!(
                 failed = failed.len(),
                 enqueue = ?enqueue_error,
-                flush = ?flushed.as_ref().err(),
                 ?backoff,
                 "outputs not acknowledged; sending them again"
             );
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            // After a flush timeout or a refused enqueue the unacknowledged
-            // ones may still arrive; resending them all is the at-least-once
-            // contract.
-            pending = if enqueue_error.is_none() && flushed.is_ok() {
+            // A refused enqueue left the rest of the batch unsent: all of it
+            // goes again (the at-least-once contract allows the copies).
+            pending = if enqueue_error.is_none() {
                 failed.into_iter().map(|(i, _)| i).collect()
             } else {
                 (0..outputs.len()).collect()

@@ -494,3 +494,52 @@ fn three_instances_one_killed_one_added_lose_and_double_nothing() {
         "{copies} packets written twice: more than the killed member's in-flight batch"
     );
 }
+
+/// The broker stopped and restarted under load (SQLite storage, so topics,
+/// records and committed offsets survive it): the route stage reports
+/// itself unready while no broker answers, retries, and once the broker is
+/// back finishes everything: each input in exactly one destination set,
+/// one pending record per action.
+#[test]
+fn a_broker_restart_under_load_loses_nothing() {
+    let mut tansu = Tansu::start_persistent();
+    let config = config(&tansu);
+    let matrix = default_matrix();
+    ensure_topics(&config, &matrix);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut instance = route_instance("through-the-outage", &tansu, &addr);
+    wait_for(deadline(60), "the instance ready", || ready(&addr));
+
+    let stream = Stream::start(&config, "outage");
+    wait_for(deadline(60), "routing under load", || {
+        consumed(&addr).unwrap_or(0.0) >= 100.0
+    });
+    tansu.stop();
+    wait_for(deadline(20), "/readyz to report the outage", || !ready(&addr));
+    tansu.restart();
+    wait_for(deadline(60), "/readyz to recover", || ready(&addr));
+    let at_restart = stream.sent();
+    wait_for(deadline(60), "actions flowing again", || {
+        stream.sent() >= at_restart + 100
+    });
+    let sent = stream.stop();
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
+        "every action routed after the restart"
+    );
+    instance.signal("TERM");
+    instance.wait_success(Duration::from_secs(30));
+
+    let inputs = read_to_markers(&config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len(), "every input survived the restart");
+    check_outputs_with(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read_to_markers(&config, &matrix),
+        Packets::IdenticalCopies,
+    );
+}

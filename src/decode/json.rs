@@ -311,11 +311,29 @@ fn timestamp(text: &str, field: &str) -> Result<DateTime<Utc>, DecodeError> {
 
 /// Parses a JSON number or string as an exact decimal. The raw text is used,
 /// so `1e400`, `NaN` or `"lots"` are refused rather than rounded.
+///
+/// A JSON number may have an exponent (`1.5e2` is 150). A string is the
+/// exact decimal text and may not: `"1e3"` or `"1E+3"` is what a float
+/// formatted as text looks like (Python's `str(1e-05)`, Java's
+/// `BigDecimal.toString`), the very rounding the string form exists to
+/// avoid, so the agent is told to send plain digits instead.
 fn decimal(raw: &RawValue, field: &str) -> Result<Decimal, DecodeError> {
     let text = raw.get();
     let not_decimal = || DecodeError::field(field, format!("{text} is not a decimal"));
     let inner: Cow<'_, str> = if text.starts_with('"') {
-        serde_json::from_str(text).map_err(|_| not_decimal())?
+        let inner: Cow<'_, str> = serde_json::from_str(text).map_err(|_| not_decimal())?;
+        if inner.contains(['e', 'E']) {
+            if Decimal::from_scientific(inner.trim()).is_err() {
+                return Err(not_decimal());
+            }
+            return Err(DecodeError::field(
+                field,
+                format!(
+                    "{text} is not a plain decimal: write the digits (or a JSON number) instead of an exponent"
+                ),
+            ));
+        }
+        inner
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         Cow::Borrowed(text)
     } else {

@@ -44,6 +44,13 @@ pub struct Decision {
     pub decided_at: DateTime<Utc>,
 }
 
+/// The longest approver name accepted, in bytes.
+pub const MAX_APPROVER_BYTES: usize = 256;
+/// The longest comment accepted, in bytes: a decision's comment is carried
+/// in every later revision of the approval's changelog record and in its
+/// outcome, so it is a note, not a document.
+pub const MAX_COMMENT_BYTES: usize = 4096;
+
 /// Why a decision record is not a Decision at all.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
@@ -74,6 +81,21 @@ impl Decision {
         ] {
             if value.trim().is_empty() {
                 return Err(MalformedDecision(format!("{field}: must not be empty")));
+            }
+        }
+        for (field, value, max) in [
+            ("approver", decision.approver.as_str(), MAX_APPROVER_BYTES),
+            (
+                "comment",
+                decision.comment.as_deref().unwrap_or(""),
+                MAX_COMMENT_BYTES,
+            ),
+        ] {
+            if value.len() > max {
+                return Err(MalformedDecision(format!(
+                    "{field}: {} bytes, over the {max}-byte limit",
+                    value.len()
+                )));
             }
         }
         Ok(decision)

@@ -41,7 +41,19 @@ pub struct Decision {
     pub approver: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// RFC 3339, read strictly: chrono's own parser also takes years
+    /// beyond 0000–9999 (`+10000-…`, or `-5219-…` from an Avro
+    /// timestamp-millis), which the outcome would then carry to agents
+    /// whose RFC 3339 parsers refuse it.
+    #[serde(deserialize_with = "rfc3339")]
     pub decided_at: DateTime<Utc>,
+}
+
+fn rfc3339<'de, D: serde::Deserializer<'de>>(de: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = Cow::<'de, str>::deserialize(de)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 timestamp ({e})")))
 }
 
 /// The longest approver name accepted, in bytes.

@@ -565,3 +565,32 @@ fn a_dead_letter_always_fits_the_producer_limit() {
         Some("invalid_field")
     );
 }
+
+/// Found by the `decision` fuzzer: an Avro decision whose timestamp-millis
+/// is in the year -5219 was accepted (chrono's parser takes years outside
+/// 0000-9999), so the outcome would carry a `decided_at` that is not RFC
+/// 3339 to every agent. `decided_at` is now read as strict RFC 3339, in
+/// JSON and in Avro.
+#[test]
+fn a_decision_time_outside_rfc_3339_is_refused() {
+    let found = std::fs::read(corpus_dir("decision").join("bad-avro-year-minus-5219.avro")).unwrap();
+    let err = Decision::decode(&found, schemas()).unwrap_err();
+    assert!(
+        err.to_string().contains("decided_at") || err.to_string().contains("RFC 3339"),
+        "{err}"
+    );
+    for at in [
+        "+10000-01-01T00:00:00Z",
+        "-0001-01-01T00:00:00Z",
+        "2026-03-01 10:00:00",
+    ] {
+        let json = json!({"action_id": "a", "lane": "finance", "verdict": "approve", "approver": "fran",
+                          "decided_at": at});
+        let err = Decision::decode(json.to_string().as_bytes(), schemas()).unwrap_err();
+        assert!(err.to_string().contains("RFC 3339"), "{at}: {err}");
+    }
+    let json = json!({"action_id": "a", "lane": "finance", "verdict": "approve", "approver": "fran",
+                      "decided_at": "2026-03-01T10:00:00.5+01:00"});
+    let d = Decision::decode(json.to_string().as_bytes(), schemas()).unwrap();
+    assert_eq!(d.decided_at.to_rfc3339(), "2026-03-01T09:00:00.500+00:00");
+}

@@ -339,7 +339,13 @@ pub fn check_matrix_text(text: &str) -> Option<Matrix> {
         }) => {
             assert_eq!(file, "fuzz");
             assert!(!message.trim().is_empty(), "a refusal without a message");
-            let lines = text.lines().count().max(1);
+            // YAML breaks lines at \n, \r\n and a lone \r alike.
+            let lines = text
+                .replace("\r\n", "\n")
+                .replace('\r', "\n")
+                .lines()
+                .count()
+                .max(1);
             assert!(
                 line >= 1 && line <= lines + 1 && col >= 1,
                 "position {line}:{col} outside a {lines}-line text: {message}"

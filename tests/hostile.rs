@@ -594,3 +594,26 @@ fn a_decision_time_outside_rfc_3339_is_refused() {
     let d = Decision::decode(json.to_string().as_bytes(), schemas()).unwrap();
     assert_eq!(d.decided_at.to_rfc3339(), "2026-03-01T09:00:00.500+00:00");
 }
+
+/// An attribute given twice was read as its last value (serde's maps keep
+/// the last silently) while rules match attributes: refused now, like a
+/// duplicate field of the action.
+#[test]
+fn a_duplicate_attribute_is_refused() {
+    let record = br#"{"action_id":"a","occurred_at":"2026-01-01T00:00:00Z","agent_id":"x","kind":"refund.issue","summary":"s","attributes":{"tier":"free","tier":"enterprise"}}"#;
+    let err = decoder().decode(record).unwrap_err();
+    assert_eq!(err.reason(), "invalid_field");
+    assert!(err.to_string().contains("duplicate attribute \"tier\""), "{err}");
+    // Distinct keys, escaped or not, still decode, borrowed or owned.
+    let ok = br#"{"action_id":"a","occurred_at":"2026-01-01T00:00:00Z","agent_id":"x","kind":"refund.issue","summary":"s","attributes":{"tier":"free","t\u0069er2":"caf\u00e9","blank":""}}"#;
+    let a = decoder().decode(ok).unwrap();
+    assert_eq!(a.attributes.len(), 2);
+    assert_eq!(a.attributes["tier2"], "café");
+    for bad in [r#"{"tier":1}"#, r#"{"tier":null}"#, r#"["tier"]"#] {
+        let record = format!(
+            r#"{{"action_id":"a","occurred_at":"2026-01-01T00:00:00Z","agent_id":"x","kind":"k","summary":"s","attributes":{bad}}}"#
+        );
+        let err = decoder().decode(record.as_bytes()).unwrap_err();
+        assert!(err.to_string().starts_with("attributes"), "{bad}: {err}");
+    }
+}

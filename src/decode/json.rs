@@ -44,9 +44,71 @@ struct WireAction<'a> {
     #[serde(borrow, default)]
     signals: Option<WireSignals<'a>>,
     #[serde(borrow, default)]
-    attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    attributes: Option<Attributes<'a>>,
     #[serde(borrow, default)]
     payload: Text<'a>,
+}
+
+/// `attributes`, refusing a key given twice: serde's maps keep the last
+/// value silently, and rules match attributes, so `{"tier": "free", "tier":
+/// "enterprise"}` would be routed on one value while a log or a reviewer
+/// reading the first saw the other. (Duplicate fields of the action itself
+/// are refused by serde already.)
+struct Attributes<'a>(BTreeMap<Cow<'a, str>, Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Attributes<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+                    let Str(value) = map.next_value::<Str<'de>>()?;
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("duplicate attribute {key:?}")));
+                    }
+                    out.insert(key, value);
+                }
+                Ok(Attributes(out))
+            }
+        }
+        de.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A string borrowed from the record when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Str<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        de.deserialize_str(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -168,6 +230,7 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction<'_>, DecodeError> {
         // Like optional fields, an empty attribute says nothing.
         attributes: w
             .attributes
+            .map(|a| a.0)
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, v)| !blank(v))

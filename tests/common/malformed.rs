@@ -230,12 +230,14 @@ pub fn corpus(prefix: &str) -> Vec<Malformed> {
         let mut with_signals = sample.clone();
         set(&mut with_signals, "signals.amount", json!("5"));
         set(&mut with_signals, "target.environment", json!("staging"));
+        set(&mut with_signals, "attributes.tier", json!("free"));
         let ws = with_signals.to_string();
         for (anchor, dup) in [
             ("{", r#""action_id":"other","#),
             ("{", r#""kind":"search.run","#),
             (r#""signals":{"#, r#""amount":"100000","#),
             (r#""target":{"#, r#""environment":"production","#),
+            (r#""attributes":{"#, r#""tier":"enterprise","#),
         ] {
             push(
                 format!("{sample_name}: duplicate {dup}"),

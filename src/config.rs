@@ -31,6 +31,10 @@ pub enum Guarantee {
 /// changelog does not grow without bound.
 pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// librdkafka's default `message.max.bytes`: the largest record its
+/// producer sends unless the operator raises it with `--kafka`.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub bootstrap_servers: String,
@@ -69,6 +73,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// The largest record switchboard's producers may write:
+    /// `message.max.bytes` as passed through with `--kafka`, or librdkafka's
+    /// default. A larger output would be refused by the producer on every
+    /// retry and stop the stage, so outputs are kept under it.
+    pub fn max_message_bytes(&self) -> usize {
+        self.kafka
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+    }
+
     /// A configuration with every default, for tests, the demo and benches.
     pub fn new(bootstrap_servers: impl Into<String>, matrix_path: impl Into<PathBuf>) -> Self {
         Config {

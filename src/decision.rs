@@ -41,8 +41,27 @@ pub struct Decision {
     pub approver: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// RFC 3339, read strictly: chrono's own parser also takes years
+    /// beyond 0000–9999 (`+10000-…`, or `-5219-…` from an Avro
+    /// timestamp-millis), which the outcome would then carry to agents
+    /// whose RFC 3339 parsers refuse it.
+    #[serde(deserialize_with = "rfc3339")]
     pub decided_at: DateTime<Utc>,
 }
+
+fn rfc3339<'de, D: serde::Deserializer<'de>>(de: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = Cow::<'de, str>::deserialize(de)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 timestamp ({e})")))
+}
+
+/// The longest approver name accepted, in bytes.
+pub const MAX_APPROVER_BYTES: usize = 256;
+/// The longest comment accepted, in bytes: a decision's comment is carried
+/// in every later revision of the approval's changelog record and in its
+/// outcome, so it is a note, not a document.
+pub const MAX_COMMENT_BYTES: usize = 4096;
 
 /// Why a decision record is not a Decision at all.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -74,6 +93,21 @@ impl Decision {
         ] {
             if value.trim().is_empty() {
                 return Err(MalformedDecision(format!("{field}: must not be empty")));
+            }
+        }
+        for (field, value, max) in [
+            ("approver", decision.approver.as_str(), MAX_APPROVER_BYTES),
+            (
+                "comment",
+                decision.comment.as_deref().unwrap_or(""),
+                MAX_COMMENT_BYTES,
+            ),
+        ] {
+            if value.len() > max {
+                return Err(MalformedDecision(format!(
+                    "{field}: {} bytes, over the {max}-byte limit",
+                    value.len()
+                )));
             }
         }
         Ok(decision)

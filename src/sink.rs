@@ -34,6 +34,25 @@ pub struct Output {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// A generous bound on what librdkafka adds to a record's key, value and
+/// header bytes when it checks `message.max.bytes`.
+pub const RECORD_OVERHEAD: usize = 512;
+
+impl Output {
+    /// The record's size as the producer's `message.max.bytes` check sees
+    /// it, rounded up.
+    pub fn wire_size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + RECORD_OVERHEAD
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The batch is not durable; handle it again.

@@ -44,9 +44,71 @@ struct WireAction<'a> {
     #[serde(borrow, default)]
     signals: Option<WireSignals<'a>>,
     #[serde(borrow, default)]
-    attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    attributes: Option<Attributes<'a>>,
     #[serde(borrow, default)]
     payload: Text<'a>,
+}
+
+/// `attributes`, refusing a key given twice: serde's maps keep the last
+/// value silently, and rules match attributes, so `{"tier": "free", "tier":
+/// "enterprise"}` would be routed on one value while a log or a reviewer
+/// reading the first saw the other. (Duplicate fields of the action itself
+/// are refused by serde already.)
+struct Attributes<'a>(BTreeMap<Cow<'a, str>, Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Attributes<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+                    let Str(value) = map.next_value::<Str<'de>>()?;
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("duplicate attribute {key:?}")));
+                    }
+                    out.insert(key, value);
+                }
+                Ok(Attributes(out))
+            }
+        }
+        de.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A string borrowed from the record when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Str<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        de.deserialize_str(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -168,6 +230,7 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction<'_>, DecodeError> {
         // Like optional fields, an empty attribute says nothing.
         attributes: w
             .attributes
+            .map(|a| a.0)
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, v)| !blank(v))
@@ -311,11 +374,29 @@ fn timestamp(text: &str, field: &str) -> Result<DateTime<Utc>, DecodeError> {
 
 /// Parses a JSON number or string as an exact decimal. The raw text is used,
 /// so `1e400`, `NaN` or `"lots"` are refused rather than rounded.
+///
+/// A JSON number may have an exponent (`1.5e2` is 150). A string is the
+/// exact decimal text and may not: `"1e3"` or `"1E+3"` is what a float
+/// formatted as text looks like (Python's `str(1e-05)`, Java's
+/// `BigDecimal.toString`), the very rounding the string form exists to
+/// avoid, so the agent is told to send plain digits instead.
 fn decimal(raw: &RawValue, field: &str) -> Result<Decimal, DecodeError> {
     let text = raw.get();
     let not_decimal = || DecodeError::field(field, format!("{text} is not a decimal"));
     let inner: Cow<'_, str> = if text.starts_with('"') {
-        serde_json::from_str(text).map_err(|_| not_decimal())?
+        let inner: Cow<'_, str> = serde_json::from_str(text).map_err(|_| not_decimal())?;
+        if inner.contains(['e', 'E']) {
+            if Decimal::from_scientific(inner.trim()).is_err() {
+                return Err(not_decimal());
+            }
+            return Err(DecodeError::field(
+                field,
+                format!(
+                    "{text} is not a plain decimal: write the digits (or a JSON number) instead of an exponent"
+                ),
+            ));
+        }
+        inner
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         Cow::Borrowed(text)
     } else {

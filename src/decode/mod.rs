@@ -18,9 +18,19 @@ use crate::action::AgentAction;
 
 pub use schemas::{AGENT_ACTION_SCHEMA_ID, SchemaDir, SchemaError, SchemaSource};
 
-/// Records larger than this are refused before parsing (default 1 MiB, the
-/// broker's own default `message.max.bytes`).
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Records larger than this are refused before parsing: 960 KiB, under the
+/// 1,000,000 bytes librdkafka's producer sends by default
+/// ([`crate::config::DEFAULT_MESSAGE_MAX_BYTES`]), so that a refused
+/// record's dead letter (its bytes plus switchboard's headers) can always be
+/// written whole.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 960 * 1024;
+
+/// Caps what a hostile Avro length prefix can make apache-avro allocate
+/// (process-wide, set by the first call): [`Decoder::new`] calls it, and so
+/// must a process that decodes only Decisions.
+pub fn bound_avro_allocations(max_record_bytes: usize) {
+    avro::bound_allocations(max_record_bytes);
+}
 
 /// Why a record is not a valid AgentAction. The `Display` form is what an
 /// operator reads in the DLQ header and the logs.

@@ -49,6 +49,13 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// How deep a matrix may nest mappings and lists. A policy needs a handful
+/// of levels (conditions nest through `any`, `all` and `not`); the tree, its
+/// canonical form, test events and even dropping it recurse once per level,
+/// so a hostile file nested ten thousand deep would otherwise overflow the
+/// stack of `switchboard check` or of a hot reload.
+pub const MAX_DEPTH: usize = 64;
+
 /// Parses exactly one YAML document.
 pub fn parse(source: &str) -> Result<Node, SyntaxError> {
     let events = Parser::new_from_str(source).map(|r| {
@@ -98,6 +105,7 @@ pub fn parse(source: &str) -> Result<Node, SyntaxError> {
             }
             Event::SequenceStart(_, tag) => {
                 refuse_tag(tag.is_some(), pos)?;
+                refuse_depth(stack.len(), pos)?;
                 stack.push((
                     Node {
                         pos,
@@ -109,6 +117,7 @@ pub fn parse(source: &str) -> Result<Node, SyntaxError> {
             }
             Event::MappingStart(_, tag) => {
                 refuse_tag(tag.is_some(), pos)?;
+                refuse_depth(stack.len(), pos)?;
                 stack.push((
                     Node {
                         pos,
@@ -144,6 +153,17 @@ pub fn parse(source: &str) -> Result<Node, SyntaxError> {
         pos: Pos { line: 1, col: 1 },
         message: "the matrix file is empty".into(),
     })
+}
+
+fn refuse_depth(open: usize, pos: Pos) -> Result<(), SyntaxError> {
+    if open >= MAX_DEPTH {
+        Err(SyntaxError {
+            pos,
+            message: format!("the matrix is nested deeper than {MAX_DEPTH} levels"),
+        })
+    } else {
+        Ok(())
+    }
 }
 
 fn refuse_tag(tagged: bool, pos: Pos) -> Result<(), SyntaxError> {

@@ -423,15 +423,22 @@ impl EscalateStage {
                 refusal.reason(),
                 &detail,
                 now,
+                self.config.max_message_bytes(),
             ));
         };
-        let decision = match input
-            .payload
-            .as_deref()
-            .map(|p| Decision::decode(p, self.schemas.as_ref()))
-        {
+        let limit = self.config.max_record_bytes;
+        let decision = match input.payload.as_deref().map(|p| {
+            if p.len() > limit {
+                Err(format!(
+                    "record is {} bytes, over the {limit}-byte limit",
+                    p.len()
+                ))
+            } else {
+                Decision::decode(p, self.schemas.as_ref()).map_err(|e| e.to_string())
+            }
+        }) {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return refuse(work, Refusal::Malformed, e.to_string()),
+            Some(Err(e)) => return refuse(work, Refusal::Malformed, e),
             None => return refuse(work, Refusal::Malformed, "empty record".into()),
         };
         let Some((partition, record)) = self.current(state, work, &decision.action_id) else {

@@ -37,6 +37,13 @@ use crate::route::route;
 use crate::sink::{Output, Sink, SinkError};
 
 /// Everything the route stage shares with the rest of the process.
+/// Room kept free in every routed output for what the escalation stage adds
+/// to the pending record later (steps, assignees, rosters), plus per lane
+/// for its verdict (a Decision's approver and comment are bounded, see
+/// [`crate::decision`]).
+pub const GROWTH_ROOM: usize = 16 * 1024;
+pub const GROWTH_ROOM_PER_LANE: usize = 8 * 1024;
+
 pub struct RouteStage {
     pub config: Arc<Config>,
     pub matrix: Arc<MatrixHandle>,
@@ -268,7 +275,14 @@ impl RouteStage {
             headers: &record.headers,
         };
         let dead = |reason: &'static str, error: &str| Handled::Dead {
-            output: dlq::dead_letter(&self.config.topics.dlq, failed, reason, error, now),
+            output: dlq::dead_letter(
+                &self.config.topics.dlq,
+                failed,
+                reason,
+                error,
+                now,
+                self.config.max_message_bytes(),
+            ),
             reason,
         };
         let Some(payload) = record.payload.as_deref() else {
@@ -365,6 +379,24 @@ impl RouteStage {
                 headers: Vec::new(),
             }),
             Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
+        }
+        // Every output must stay writable, now and as the escalation stage
+        // adds verdicts and steps to the pending record: one the producer
+        // refused would be retried forever and stop the stage here.
+        let limit = self
+            .config
+            .max_message_bytes()
+            .saturating_sub(GROWTH_ROOM + GROWTH_ROOM_PER_LANE * routing.lanes.len());
+        if let Some(big) = outputs.iter().find(|o| o.wire_size() > limit) {
+            return dead(
+                "too_large",
+                &format!(
+                    "its record for {} would be {} bytes, over the {limit}-byte limit of what switchboard writes \
+                     (message.max.bytes less room for the approval's later revisions)",
+                    big.topic,
+                    big.wire_size()
+                ),
+            );
         }
         self.metrics
             .route_duration_seconds

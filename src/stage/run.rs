@@ -93,6 +93,8 @@ pub async fn run_with_clock(
         Some(dir) => Arc::new(SchemaDir::load(dir).map_err(|e| RunError::Schemas(e.to_string()))?),
         None => Arc::new(SchemaDir::bundled()),
     };
+    // Before anything decodes Avro: the bound is process-wide and set once.
+    crate::decode::bound_avro_allocations(config.max_record_bytes);
     health.set_alive(true);
     let mut workers = tokio::task::JoinSet::new();
     if matches!(config.stage, Stage::Route | Stage::All) {

@@ -313,11 +313,7 @@ fn run_cmd(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -360,14 +356,28 @@ pub fn init_logging_quiet() {
         .try_init();
 }
 
+/// The runtime of every command that talks to Kafka: the stages run on
+/// their own threads, so two workers serve the HTTP endpoint and signals.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// The pass-through Kafka properties of a lane tool, or its exit status.
+fn lane_kafka(args: &KafkaArgs) -> Result<KafkaProperties, ExitCode> {
+    args.properties().map_err(|e| {
+        eprintln!("invalid Kafka configuration: {e}");
+        ExitCode::from(EXIT_INVALID_CONFIG)
+    })
+}
+
 fn inbox_cmd(args: InboxArgs) -> ExitCode {
     init_logging_quiet();
-    let kafka = match args.kafka.properties() {
+    let kafka = match lane_kafka(&args.kafka) {
         Ok(k) => k,
-        Err(e) => {
-            eprintln!("invalid Kafka configuration: {e}");
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+        Err(code) => return code,
     };
     let topic = match args.topic {
         Some(topic) => topic,
@@ -417,12 +427,9 @@ fn inbox_cmd(args: InboxArgs) -> ExitCode {
 
 fn decide_cmd(args: DecideArgs) -> ExitCode {
     init_logging_quiet();
-    let kafka = match args.kafka.properties() {
+    let kafka = match lane_kafka(&args.kafka) {
         Ok(k) => k,
-        Err(e) => {
-            eprintln!("invalid Kafka configuration: {e}");
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+        Err(code) => return code,
     };
     let decision = match crate::decide::decision(
         &args.action_id,

@@ -26,11 +26,7 @@ use inputs::{DEMO_SLA, Input};
 
 pub fn main() -> ExitCode {
     crate::cli::init_logging_quiet();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::cli::runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("demo: cannot start the runtime: {e}");

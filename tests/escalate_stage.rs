@@ -6,138 +6,54 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use rdkafka::config::ClientConfig;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{Value, json};
-use switchboard::changelog::{ReadRecord, read_all};
 use switchboard::clock::ManualClock;
 use switchboard::config::{Config, Stage};
-use switchboard::matrix::Matrix;
 use switchboard::metrics::Metrics;
 use switchboard::stage::{RunSummary, run_with_clock};
-
-const T0: &str = "2026-03-01T10:00:00Z";
 
 fn t0() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(T0).unwrap().with_timezone(&Utc)
 }
 
-struct Broker {
-    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    config: Config,
-    producer: BaseProducer,
-}
+#[path = "common/escalation.rs"]
+mod escalation;
+
+use escalation::{EscalationBroker as Broker, T0};
 
 impl Broker {
-    fn new() -> Broker {
-        switchboard::cli::init_logging(switchboard::cli::LogFormat::Text);
-        let cluster = MockCluster::new(1).expect("mock cluster starts");
-        let matrix_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/short-sla.yaml");
-        let mut config = Config::new(cluster.bootstrap_servers(), &matrix_path);
-        config.stage = Stage::All;
-        config.partitions = 2;
-        config.batch_wait = Duration::from_millis(1);
-        // The mock cluster holds a restarted member's partitions until the old
-        // member's session times out; keep that short.
-        config.kafka.push(("session.timeout.ms".into(), "6000".into()));
-        config.kafka.push(("heartbeat.interval.ms".into(), "500".into()));
-        let matrix = Matrix::load(&matrix_path).expect("test matrix loads");
-        for topic in switchboard::kafka::owned_topics(&config, &matrix)
-            .iter()
-            .chain(["directory.accounts".to_string()].iter())
-        {
-            cluster
-                .create_topic(topic, config.partitions, 1)
-                .expect("topic created");
-        }
-        // The same partitioner as switchboard's producers, as DESIGN requires
-        // of decision writers: decisions must land with their pending record.
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("partitioner", "murmur2_random")
-            .create()
-            .expect("producer");
-        Broker {
-            cluster,
-            config,
-            producer,
-        }
+    /// Both stages with `tests/data/short-sla.yaml`.
+    fn short_sla() -> Broker {
+        Broker::new(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/short-sla.yaml"))
     }
+}
 
-    fn send(&self, topic: &str, key: &str, value: &Value) {
-        let bytes = value.to_string();
-        self.producer
-            .send(BaseRecord::to(topic).key(key).payload(&bytes))
-            .map_err(|(e, _)| e)
-            .expect("enqueued");
-        self.producer.flush(Duration::from_secs(10)).expect("flushed");
-    }
-
-    fn action(&self, id: &str, fields: Value) {
-        let mut event = json!({
-            "action_id": id, "occurred_at": T0, "agent_id": "agent-1", "summary": id,
-        });
-        for (k, v) in fields.as_object().unwrap() {
-            event[k] = v.clone();
-        }
-        self.send("agent.actions", id, &event);
-    }
-
-    fn decide(&self, id: &str, lane: &str, verdict: &str, approver: &str) {
-        self.send(
-            "approvals.decisions",
-            id,
-            &json!({"action_id": id, "lane": lane, "verdict": verdict, "approver": approver, "decided_at": T0}),
-        );
-    }
-
-    fn read(&self, topic: &str) -> Vec<ReadRecord> {
-        read_all(&self.config, &[topic], Duration::from_secs(10)).expect("topic readable")
-    }
-
-    /// Values on `topic` for `key`, parsed.
-    fn values(&self, topic: &str, key: &str) -> Vec<Value> {
-        self.read(topic)
-            .into_iter()
-            .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-            .filter_map(|r| serde_json::from_slice(r.payload.as_deref()?).ok())
-            .collect()
-    }
-
-    /// Waits (polling, with a deadline) until `check` holds.
-    fn wait_for(&self, what: &str, mut check: impl FnMut(&Broker) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !check(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
+/// Reminders told apart from the packets that ask someone.
+trait Steps {
     /// Packets on `topic` for `key` that ask someone (reminders left out).
-    fn steps(&self, topic: &str, key: &str) -> Vec<Value> {
-        let (steps, _) = self.split_reminders(topic, key);
-        steps
-    }
-
+    fn steps(&self, topic: &str, key: &str) -> Vec<Value>;
     /// Reminders on `topic` for `key`.
+    fn reminders(&self, topic: &str, key: &str) -> Vec<Value>;
+}
+
+impl Steps for Broker {
+    fn steps(&self, topic: &str, key: &str) -> Vec<Value> {
+        split_reminders(self, topic, key).0
+    }
+
     fn reminders(&self, topic: &str, key: &str) -> Vec<Value> {
-        let (_, reminders) = self.split_reminders(topic, key);
-        reminders
+        split_reminders(self, topic, key).1
     }
+}
 
-    fn split_reminders(&self, topic: &str, key: &str) -> (Vec<Value>, Vec<Value>) {
-        self.values(topic, key)
-            .into_iter()
-            .partition(|p| p["reminder"] != json!(true))
-    }
-
-    fn outcome(&self, id: &str) -> Option<Value> {
-        self.values("approvals.outcomes", id).pop()
-    }
+fn split_reminders(broker: &Broker, topic: &str, key: &str) -> (Vec<Value>, Vec<Value>) {
+    broker
+        .values(topic, key)
+        .into_iter()
+        .partition(|p| p["reminder"] != json!(true))
 }
 
 /// Sets the stop flag when dropped, so a failing test never leaves the
@@ -177,7 +93,7 @@ fn start(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decisions_escalations_and_outcomes() {
-    let broker = Broker::new();
+    let broker = Broker::short_sla();
     let clock = Arc::new(ManualClock::new(t0()));
     let metrics = Metrics::new();
     let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
@@ -340,7 +256,7 @@ async fn decisions_escalations_and_outcomes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
-    let broker = Broker::new();
+    let broker = Broker::short_sla();
     let clock = Arc::new(ManualClock::new(t0()));
     let (stop, handle) = start(&broker, clock.clone(), Metrics::new());
     broker.action(
@@ -392,7 +308,7 @@ async fn a_timer_that_fell_due_while_stopped_fires_once_on_restart() {
 /// the other takes its approvals over: every due step fires exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 6)]
 async fn a_partition_moved_to_another_instance_keeps_its_timers() {
-    let broker = Broker::new();
+    let broker = Broker::short_sla();
     let clock = Arc::new(ManualClock::new(t0()));
     let with_stage = |stage: Stage| {
         let mut b = broker.config.clone();
@@ -494,7 +410,7 @@ impl Drop for Child {
 /// real clock with SLAs of seconds.
 #[test]
 fn sigkill_mid_sla_neither_loses_nor_repeats_a_step() {
-    let broker = Broker::new();
+    let broker = Broker::short_sla();
     // The SLA clock starts at occurred_at: a few seconds ahead, so the first
     // process has time to join its group and route before the SLA passes.
     let now = (Utc::now() + TimeDelta::seconds(6)).to_rfc3339();
@@ -551,7 +467,7 @@ fn sigkill_mid_sla_neither_loses_nor_repeats_a_step() {
 /// marked as a reminder, once per step; then the chain moves on as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reminder_goes_out_once_per_step_before_it_escalates() {
-    let broker = Broker::new();
+    let broker = Broker::short_sla();
     let clock = Arc::new(ManualClock::new(t0()));
     let metrics = Metrics::new();
     let (stop, handle) = start(&broker, clock.clone(), metrics.clone());
@@ -617,7 +533,7 @@ async fn a_reminder_goes_out_once_per_step_before_it_escalates() {
 /// runs or while it is stopped; after that a redelivery is a new action.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn closed_actions_are_tombstoned_after_their_retention() {
-    let mut broker = Broker::new();
+    let mut broker = Broker::short_sla();
     broker.config.closed_retention = Duration::from_secs(60);
     // At least once: the mock cluster keeps no offsets committed in
     // transactions, so a restart there would read every input again.

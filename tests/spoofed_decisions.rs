@@ -11,22 +11,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use rdkafka::config::ClientConfig;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{Value, json};
-use switchboard::changelog::{ReadRecord, read_all};
+use switchboard::changelog::ReadRecord;
 use switchboard::clock::ManualClock;
-use switchboard::config::{Config, Stage};
 use switchboard::decode::{SchemaDir, SchemaSource, encode_json_as_avro, frame};
 use switchboard::matrix::Matrix;
 use switchboard::metrics::Metrics;
 use switchboard::stage::run_with_clock;
-
-const T0: &str = "2026-03-01T10:00:00Z";
 
 /// `tests/data/short-sla.yaml` (2-second SLAs; finance: fran, then the
 /// finance lead fiona, then the manager morgan) plus a rule that also sends
@@ -48,92 +41,17 @@ fn matrix_file(dir: &tempfile::TempDir) -> PathBuf {
     path
 }
 
-struct Broker {
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    config: Config,
-    producer: BaseProducer,
+#[path = "common/escalation.rs"]
+mod escalation;
+
+use escalation::{EscalationBroker as Broker, T0};
+
+/// Every outcome written so far, by action.
+trait Outcomes {
+    fn outcomes(&self) -> BTreeMap<String, Vec<String>>;
 }
 
-impl Broker {
-    fn new(matrix_path: PathBuf) -> Broker {
-        let cluster = MockCluster::new(1).expect("mock cluster starts");
-        let mut config = Config::new(cluster.bootstrap_servers(), &matrix_path);
-        config.stage = Stage::All;
-        config.partitions = 2;
-        config.batch_wait = Duration::from_millis(1);
-        let matrix = Matrix::load(&matrix_path).expect("test matrix loads");
-        for topic in switchboard::kafka::owned_topics(&config, &matrix)
-            .iter()
-            .chain(["directory.accounts".to_string()].iter())
-        {
-            cluster
-                .create_topic(topic, config.partitions, 1)
-                .expect("topic created");
-        }
-        // Decisions must land with their pending record: the Java client's
-        // partitioner, as switchboard's producers use.
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("partitioner", "murmur2_random")
-            .create()
-            .expect("producer");
-        Broker {
-            _cluster: cluster,
-            config,
-            producer,
-        }
-    }
-
-    fn send_bytes(&self, topic: &str, key: &str, bytes: &[u8]) {
-        self.producer
-            .send(BaseRecord::to(topic).key(key).payload(bytes))
-            .map_err(|(e, _)| e)
-            .expect("enqueued");
-        self.producer.flush(Duration::from_secs(10)).expect("flushed");
-    }
-
-    fn action(&self, id: &str, fields: Value) {
-        let mut event = json!({"action_id": id, "occurred_at": T0, "agent_id": "agent-1", "summary": id});
-        for (k, v) in fields.as_object().unwrap() {
-            event[k] = v.clone();
-        }
-        self.send_bytes("agent.actions", id, event.to_string().as_bytes());
-    }
-
-    /// A decision record as JSON.
-    fn decide_json(&self, id: &str, decision: Value) -> Vec<u8> {
-        let bytes = decision.to_string().into_bytes();
-        self.send_bytes("approvals.decisions", id, &bytes);
-        bytes
-    }
-
-    fn decide(&self, id: &str, lane: &str, verdict: &str, approver: &str) -> Vec<u8> {
-        self.decide_json(
-            id,
-            json!({"action_id": id, "lane": lane, "verdict": verdict, "approver": approver, "decided_at": T0}),
-        )
-    }
-
-    fn read(&self, topic: &str) -> Vec<ReadRecord> {
-        read_all(&self.config, &[topic], Duration::from_secs(10)).expect("topic readable")
-    }
-
-    fn values(&self, topic: &str, key: &str) -> Vec<Value> {
-        self.read(topic)
-            .into_iter()
-            .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-            .filter_map(|r| serde_json::from_slice(r.payload.as_deref()?).ok())
-            .collect()
-    }
-
-    fn wait_for(&self, what: &str, mut check: impl FnMut(&Broker) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !check(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
+impl Outcomes for Broker {
     fn outcomes(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in self.read("approvals.outcomes") {
@@ -172,7 +90,7 @@ fn header<'a>(r: &'a ReadRecord, name: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spoofed_and_stale_decisions_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::new(matrix_file(&dir));
+    let broker = Broker::new(&matrix_file(&dir));
     let t0: DateTime<Utc> = DateTime::parse_from_rfc3339(T0).unwrap().with_timezone(&Utc);
     let clock = Arc::new(ManualClock::new(t0));
     let metrics = Metrics::new();

@@ -27,7 +27,9 @@
 //!
 //! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
 //! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
-//! (1000000), `--timers T` (100000). Under `cargo test` (no `--bench`
+//! (1000000), `--timers T` (100000), `--only STEPS` (a comma-separated
+//! subset of `route,latency,eos,restore,timers`), `--rate R` (the latency
+//! step's offered rate when the route step is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
 //! if any step does not finish.
 
@@ -68,6 +70,10 @@ struct Args {
     pending: usize,
     timers: usize,
     full: bool,
+    /// Steps to run (`--only route,latency,eos,restore,timers`); all when empty.
+    only: Vec<String>,
+    /// Offered rate for the latency step when the route step is skipped.
+    rate: Option<usize>,
 }
 
 impl Args {
@@ -89,7 +95,18 @@ impl Args {
             pending: value("--pending").unwrap_or(if full { 1_000_000 } else { 2_000 }),
             timers: value("--timers").unwrap_or(if full { 100_000 } else { 1_000 }),
             full,
+            only: argv
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| argv.get(i + 1))
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
+            rate: value("--rate"),
         }
+    }
+
+    fn runs(&self, step: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == step)
     }
 }
 
@@ -112,141 +129,160 @@ fn main() {
     let matrix_path = manifest_dir().join("deploy/matrix.yaml");
     let mut rows = Vec::new();
 
-    // ---- tansu: throughput, at least once ----
-    eprintln!(
-        "== tansu: loading {} actions into {} partitions",
-        args.records, args.partitions
-    );
-    let tansu = Tansu::start();
-    let bootstrap = tansu.bootstrap();
-    let input = "bench.actions";
-    create_topics(&runtime, &bootstrap, &[input, "bench.copy"], args.partitions);
-    let actions = synthetic(args.records, "t");
-    let loaded = load(&bootstrap, input, &actions);
-    rows.push(Row {
-        broker: "tansu",
-        what: "load (plain producer)".into(),
-        records: args.records,
-        seconds: loaded,
-        note: format!("{:.0} bytes per action", mean_size(&actions)),
-    });
+    let mut ratio = f64::NAN;
+    let mut route = f64::NAN;
+    if args.runs("route") || args.runs("latency") {
+        // ---- tansu: throughput, at least once ----
+        eprintln!(
+            "== tansu: loading {} actions into {} partitions",
+            args.records, args.partitions
+        );
+        let tansu = Tansu::start();
+        let bootstrap = tansu.bootstrap();
+        let input = "bench.actions";
+        create_topics(&runtime, &bootstrap, &[input, "bench.copy"], args.partitions);
+        let mut config = stage_config(
+            &bootstrap,
+            &matrix_path,
+            input,
+            Guarantee::AtLeastOnce,
+            args.partitions,
+        );
+        if args.runs("route") {
+            let actions = synthetic(args.records, "t");
+            let loaded = load(&bootstrap, input, &actions);
+            rows.push(Row {
+                broker: "tansu",
+                what: "load (plain producer)".into(),
+                records: args.records,
+                seconds: loaded,
+                note: format!("{:.0} bytes per action", mean_size(&actions)),
+            });
+            eprintln!("== tansu: passthrough");
+            let pass = passthrough(&bootstrap, input, "bench.copy", args.records, false);
+            rows.push(throughput_row(
+                "tansu",
+                "passthrough, at least once",
+                args.records,
+                pass,
+            ));
+            eprintln!("== tansu: route stage");
+            route = run_route(&runtime, config.clone(), args.records);
+            rows.push(throughput_row(
+                "tansu",
+                "route stage, at least once",
+                args.records,
+                route,
+            ));
+            ratio = pass / route;
+        }
 
-    eprintln!("== tansu: passthrough");
-    let pass = passthrough(&bootstrap, input, "bench.copy", args.records, false);
-    rows.push(throughput_row(
-        "tansu",
-        "passthrough, at least once",
-        args.records,
-        pass,
-    ));
-    eprintln!("== tansu: route stage");
-    let mut config = stage_config(
-        &bootstrap,
-        &matrix_path,
-        input,
-        Guarantee::AtLeastOnce,
-        args.partitions,
-    );
-    let route = run_route(&runtime, config.clone(), args.records);
-    rows.push(throughput_row(
-        "tansu",
-        "route stage, at least once",
-        args.records,
-        route,
-    ));
-    let ratio = pass / route;
-
-    // ---- tansu: latency at half the measured route throughput ----
-    let rate = (args.records as f64 / route / 2.0).max(10.0);
-    eprintln!(
-        "== tansu: latency at {rate:.0} actions/s for {} s",
-        args.latency_secs
-    );
-    config.topics.actions = "bench.latency".into();
-    config.group_id = "bench-latency".into();
-    create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
-    let latencies = latency(&runtime, config, rate, args.latency_secs);
-    rows.push(Row {
-        broker: "tansu",
-        what: format!("end-to-end latency at {rate:.0}/s"),
-        records: latencies.len(),
-        seconds: args.latency_secs as f64,
-        note: format!(
-            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-            quantile(&latencies, 0.5),
-            quantile(&latencies, 0.99),
-            quantile(&latencies, 0.999)
-        ),
-    });
-    drop(tansu);
-
-    // ---- mock cluster: exactly once ----
-    eprintln!("== mock cluster: exactly once, {} actions", args.eos_records);
-    let mock = MockCluster::new(1).expect("the mock cluster starts");
-    let mock_bootstrap = mock.bootstrap_servers();
-    let probe = stage_config(
-        &mock_bootstrap,
-        &matrix_path,
-        input,
-        Guarantee::ExactlyOnce,
-        args.partitions,
-    );
-    let matrix = switchboard::matrix::Matrix::load(&matrix_path).expect("the default matrix loads");
-    for topic in switchboard::kafka::owned_topics(&probe, &matrix)
-        .iter()
-        .map(String::as_str)
-        .chain(["bench.copy", "directory.accounts", "directory.incidents"])
-    {
-        mock.create_topic(topic, args.partitions, 1)
-            .expect("a mock topic");
+        if args.runs("latency") {
+            // ---- tansu: latency at half the measured route throughput ----
+            let rate = match args.rate {
+                Some(rate) => rate as f64,
+                None if route.is_finite() => (args.records as f64 / route / 2.0).max(10.0),
+                None => 1_000.0,
+            };
+            eprintln!(
+                "== tansu: latency at {rate:.0} actions/s for {} s",
+                args.latency_secs
+            );
+            config.topics.actions = "bench.latency".into();
+            config.group_id = "bench-latency".into();
+            create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
+            let latencies = latency(&runtime, config, rate, args.latency_secs);
+            rows.push(Row {
+                broker: "tansu",
+                what: format!("end-to-end latency at {rate:.0}/s"),
+                records: latencies.len(),
+                seconds: args.latency_secs as f64,
+                note: format!(
+                    "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                    quantile(&latencies, 0.5),
+                    quantile(&latencies, 0.99),
+                    quantile(&latencies, 0.999)
+                ),
+            });
+        }
+        drop(tansu);
     }
-    let eos_actions = synthetic(args.eos_records, "m");
-    load(&mock_bootstrap, input, &eos_actions);
-    let eos_pass = passthrough(&mock_bootstrap, input, "bench.copy", args.eos_records, true);
-    rows.push(throughput_row(
-        "mock",
-        "passthrough, exactly once",
-        args.eos_records,
-        eos_pass,
-    ));
-    let eos_route = run_route(&runtime, probe, args.eos_records);
-    rows.push(throughput_row(
-        "mock",
-        "route stage, exactly once",
-        args.eos_records,
-        eos_route,
-    ));
-    drop(mock);
 
-    // ---- tansu: the escalation stage ----
-    eprintln!("== tansu: restoring {} pending approvals", args.pending);
-    let tansu = Tansu::start();
-    let (restore, rss) = restore(&runtime, &tansu, &matrix_path, args.partitions, args.pending);
-    rows.push(Row {
-        broker: "tansu",
-        what: "escalation: restore pending".into(),
-        records: args.pending,
-        seconds: restore,
-        note: format!("resident {:.0} MiB (peak {:.0} MiB)", rss.0, rss.1),
-    });
-    drop(tansu);
-    eprintln!("== tansu: {} timers falling due together", args.timers);
-    let tansu = Tansu::start();
-    let fired = fire_together(&runtime, &tansu, &matrix_path, args.partitions, args.timers);
-    rows.push(Row {
-        broker: "tansu",
-        what: "escalation: timers due together".into(),
-        records: args.timers,
-        seconds: fired,
-        note: "from the due time to every escalation durable".into(),
-    });
-    drop(tansu);
+    let mut eos_ratio = f64::NAN;
+    if args.runs("eos") {
+        // ---- mock cluster: exactly once ----
+        let input = "bench.actions";
+        eprintln!("== mock cluster: exactly once, {} actions", args.eos_records);
+        let mock = MockCluster::new(1).expect("the mock cluster starts");
+        let mock_bootstrap = mock.bootstrap_servers();
+        let probe = stage_config(
+            &mock_bootstrap,
+            &matrix_path,
+            input,
+            Guarantee::ExactlyOnce,
+            args.partitions,
+        );
+        let matrix = switchboard::matrix::Matrix::load(&matrix_path).expect("the default matrix loads");
+        for topic in switchboard::kafka::owned_topics(&probe, &matrix)
+            .iter()
+            .map(String::as_str)
+            .chain(["bench.copy", "directory.accounts", "directory.incidents"])
+        {
+            mock.create_topic(topic, args.partitions, 1)
+                .expect("a mock topic");
+        }
+        let eos_actions = synthetic(args.eos_records, "m");
+        load(&mock_bootstrap, input, &eos_actions);
+        let eos_pass = passthrough(&mock_bootstrap, input, "bench.copy", args.eos_records, true);
+        rows.push(throughput_row(
+            "mock",
+            "passthrough, exactly once",
+            args.eos_records,
+            eos_pass,
+        ));
+        let eos_route = run_route(&runtime, probe, args.eos_records);
+        rows.push(throughput_row(
+            "mock",
+            "route stage, exactly once",
+            args.eos_records,
+            eos_route,
+        ));
+        eos_ratio = eos_pass / eos_route;
+        drop(mock);
+    }
+
+    if args.runs("restore") {
+        // ---- tansu: the escalation stage ----
+        eprintln!("== tansu: restoring {} pending approvals", args.pending);
+        let tansu = Tansu::start();
+        let (restore, rss) = restore(&runtime, &tansu, &matrix_path, args.partitions, args.pending);
+        rows.push(Row {
+            broker: "tansu",
+            what: "escalation: restore pending".into(),
+            records: args.pending,
+            seconds: restore,
+            note: format!("resident {:.0} MiB (peak {:.0} MiB)", rss.0, rss.1),
+        });
+        drop(tansu);
+    }
+    if args.runs("timers") {
+        eprintln!("== tansu: {} timers falling due together", args.timers);
+        let tansu = Tansu::start();
+        let fired = fire_together(&runtime, &tansu, &matrix_path, args.partitions, args.timers);
+        rows.push(Row {
+            broker: "tansu",
+            what: "escalation: timers due together".into(),
+            records: args.timers,
+            seconds: fired,
+            note: "from the due time to every escalation durable".into(),
+        });
+        drop(tansu);
+    }
 
     print_table(&rows, &args);
     println!(
         "ratio: route/passthrough = {:.2} (exactly once on the mock cluster: {:.2})",
-        ratio,
-        eos_pass / eos_route
+        ratio, eos_ratio
     );
 }
 

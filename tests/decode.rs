@@ -326,10 +326,18 @@ fn every_required_field_is_named_when_missing_or_empty() {
         let err = decode_json(&v).unwrap_err();
         assert_eq!(err.to_string(), format!("{field}: is required"));
 
-        let mut v = minimal();
-        v[field] = json!("   ");
-        let err = decode_json(&v).unwrap_err();
-        assert_eq!(err.to_string(), format!("{field}: must not be empty"));
+        // Whitespace of every kind `trim` knows, the vertical tab and a
+        // no-break space among them, is empty.
+        for blank in ["   ", "\u{b}", "\u{b} \t", "\u{a0}", "\u{c}\r\n"] {
+            let mut v = minimal();
+            v[field] = json!(blank);
+            let err = decode_json(&v).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{field}: must not be empty"),
+                "{blank:?}"
+            );
+        }
 
         let mut v = minimal();
         v[field] = Value::Null;

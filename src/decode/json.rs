@@ -326,11 +326,13 @@ fn optional(value: Text<'_>) -> Text<'_> {
 }
 
 /// Empty or only whitespace; the first byte settles it for almost every
-/// real value, so this costs far less than `trim`.
+/// real value, so this costs far less than `trim`. Only a printable ASCII
+/// byte settles it: control bytes include whitespace `is_ascii_whitespace`
+/// leaves out (the vertical tab), which `trim` removes.
 fn blank(v: &str) -> bool {
     match v.as_bytes().first() {
         None => true,
-        Some(b) if !b.is_ascii_whitespace() && *b < 0x80 => false,
+        Some(b) if (b'!'..0x80).contains(b) => false,
         Some(_) => v.trim().is_empty(),
     }
 }

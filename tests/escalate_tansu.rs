@@ -195,7 +195,7 @@ fn sigkill_during_a_burst_of_expiries_skips_no_step() {
     });
 
     // 300 approvals whose SLA passes at one moment, a few seconds ahead.
-    let ids: Vec<String> = (0..300).map(|i| format!("burst-{i}")).collect();
+    let ids: Vec<String> = (0..300 * soak()).map(|i| format!("burst-{i}")).collect();
     send_refunds(&config, &ids, TimeDelta::seconds(4));
     wait_for(deadline(60), "every approval held", || {
         held(&addr) == ids.len() as f64
@@ -277,4 +277,100 @@ fn sigkill_during_a_burst_of_expiries_skips_no_step() {
         "{} approvals, 2 kills mid-burst, {copies} steps written again",
         ids.len()
     );
+}
+
+/// Rebalances mid-SLA: three escalation instances share the pending
+/// partitions; one is killed with SIGKILL while every approval waits for
+/// its SLA and, once the group has dropped it, a fourth joins and restores
+/// the killed member's approvals from the changelog. Every step of every
+/// chain fires exactly once, reminders at most once per step, and every
+/// approval ends with one `expired` outcome. (The kill falls while nothing
+/// is due, so no write is in flight and no copy is allowed.)
+///
+/// tansu 0.6.0 forms no new generation when it drops a member, so the
+/// added instance's join is what shares the killed member's partition out;
+/// the test waits for tansu to report the drop before adding it.
+#[test]
+fn three_instances_one_killed_one_added_fire_every_step_once() {
+    let tansu = Tansu::start();
+    let config = config(&tansu);
+    let matrix = Matrix::load(&short_sla()).expect("the test matrix loads");
+    ensure_topics(&config, &matrix);
+    let group = format!("{GROUP}.escalate");
+
+    let addrs: Vec<String> = (0..5).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let _route = instance("route", &tansu, "route", &addrs[0]);
+    let mut members: Vec<Proc> = (1..4)
+        .map(|i| instance(&format!("escalate-{i}"), &tansu, "escalate", &addrs[i]))
+        .collect();
+    wait_for(deadline(90), "three instances holding a partition each", || {
+        addrs[1..4].iter().all(|a| pending_partitions(a) == 1.0)
+    });
+    wait_for(deadline(60), "the route stage to be ready", || {
+        http_get(&addrs[0], "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+
+    // The SLA clock starts well ahead, so the kill and the hand-over can
+    // happen while nothing is due.
+    let ids: Vec<String> = (0..30 * soak()).map(|i| format!("trio-{i}")).collect();
+    send_refunds(&config, &ids, TimeDelta::seconds(12));
+    let held_by = |range: &[String]| range.iter().map(|a| held(a)).sum::<f64>();
+    wait_for(deadline(60), "every approval held, by all three", || {
+        addrs[1..4].iter().all(|a| held(a) > 0.0) && held_by(&addrs[1..4]) == ids.len() as f64
+    });
+
+    let dropped = tansu.members_dropped(&group);
+    members[1].signal("KILL");
+    assert!(!members[1].wait(Duration::from_secs(10)).success());
+    wait_for(deadline(60), "the broker to drop the killed member", || {
+        tansu.members_dropped(&group) > dropped
+    });
+    members.push(instance("escalate-4", &tansu, "escalate", &addrs[4]));
+    let live = [addrs[1].clone(), addrs[3].clone(), addrs[4].clone()];
+    wait_for(
+        deadline(90),
+        "the live members to hold every partition and approval",
+        || {
+            pending_partitions(&addrs[4]) > 0.0
+                && live.iter().map(|a| pending_partitions(a)).sum::<f64>() == 3.0
+                && held_by(&live) == ids.len() as f64
+        },
+    );
+
+    let topics = ["approvals.finance", "approvals.manager", "approvals.outcomes"];
+    let mut tail = Tail::new(&config, &topics);
+    assert!(
+        tail.until(deadline(120), |records| {
+            ids.iter()
+                .all(|id| !values(records, "approvals.outcomes", id).is_empty())
+        }),
+        "every chain runs out and fails closed"
+    );
+    drop(members);
+
+    let records = read_to_markers(&config, &topics);
+    for id in &ids {
+        let finance = values(&records, "approvals.finance", id);
+        let manager = values(&records, "approvals.manager", id);
+        assert_eq!(
+            levels(finance.iter().filter(|p| !is_reminder(p))),
+            vec![0, 1],
+            "{id}: each finance step once"
+        );
+        assert_eq!(
+            levels(manager.iter().filter(|p| !is_reminder(p))),
+            vec![2],
+            "{id}: the manager step once"
+        );
+        let reminded: Vec<i64> = levels(finance.iter().chain(&manager).filter(|p| is_reminder(p)));
+        let distinct: BTreeSet<i64> = reminded.iter().copied().collect();
+        assert_eq!(
+            reminded.len(),
+            distinct.len(),
+            "{id}: a reminder repeated: {reminded:?}"
+        );
+        let outcomes = values(&records, "approvals.outcomes", id);
+        assert_eq!(outcomes.len(), 1, "{id}: one outcome");
+        assert_eq!(outcomes[0]["outcome"], "expired");
+    }
 }

@@ -124,6 +124,17 @@ pub fn quick_rejoin(config: &mut Config) {
     config.kafka.push(("heartbeat.interval.ms".into(), "300".into()));
 }
 
+/// The soak factor: `SWITCHBOARD_SOAK=N` makes the crash and rebalance
+/// tests run N times longer (N times the kills, the kill-and-add cycles,
+/// the approvals in a burst). 1, the suite's size, when unset.
+pub fn soak() -> usize {
+    std::env::var("SWITCHBOARD_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
 /// librdkafka's in-process mock cluster (one broker), one per test.
 pub struct MockKafka {
     cluster: MockCluster<'static, DefaultProducerContext>,
@@ -267,8 +278,12 @@ impl Tansu {
             .current_dir(self._dir.path())
             .env_remove("SCHEMA_REGISTRY")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            // Its info level logs every request.
-            .env("RUST_LOG", "warn")
+            // Its info level logs every request; its group coordinator's
+            // says when a member is dropped, which tests wait for.
+            .env(
+                "RUST_LOG",
+                "warn,tansu_broker::coordinator::group::administrator=info",
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -318,6 +333,16 @@ impl Tansu {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many members of `group` the broker has dropped for missed
+    /// heartbeats so far (from its coordinator's log).
+    pub fn members_dropped(&self, group: &str) -> usize {
+        let needle = format!(" for {group} in generation");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("missed heartbeat for ") && l.contains(&needle))
+            .count()
     }
 }
 

@@ -86,6 +86,37 @@ fn levels<'a>(packets: impl Iterator<Item = &'a Value>) -> Vec<i64> {
         .collect()
 }
 
+/// Each approval's chain ran exactly once: finance levels 0 and 1, the
+/// manager step, reminders at most once per step, one `expired` outcome on
+/// the finance lane.
+fn every_step_once(records: &[switchboard::changelog::ReadRecord], ids: &[String]) {
+    for id in ids {
+        let finance = values(records, "approvals.finance", id);
+        let manager = values(records, "approvals.manager", id);
+        assert_eq!(
+            levels(finance.iter().filter(|p| !is_reminder(p))),
+            vec![0, 1],
+            "{id}: each finance step once"
+        );
+        assert_eq!(
+            levels(manager.iter().filter(|p| !is_reminder(p))),
+            vec![2],
+            "{id}: the manager step once"
+        );
+        let reminded: Vec<i64> = levels(finance.iter().chain(&manager).filter(|p| is_reminder(p)));
+        let distinct: BTreeSet<i64> = reminded.iter().copied().collect();
+        assert_eq!(
+            reminded.len(),
+            distinct.len(),
+            "{id}: a reminder repeated: {reminded:?}"
+        );
+        let outcomes = values(records, "approvals.outcomes", id);
+        assert_eq!(outcomes.len(), 1, "{id}: one outcome");
+        assert_eq!(outcomes[0]["outcome"], "expired");
+        assert_eq!(outcomes[0]["expired_lane"], "finance");
+    }
+}
+
 /// Two escalation instances share the pending partitions; one leaves the
 /// group mid-SLA and the other restores its partitions from the changelog:
 /// every step of every chain fires exactly once, reminders at most once,
@@ -138,32 +169,7 @@ fn a_rebalance_mid_sla_loses_and_doubles_no_escalation() {
     assert!(ended, "every chain runs out and fails closed");
     drop(b);
 
-    let records = read_to_markers(&config, &topics);
-    for id in &ids {
-        let finance = values(&records, "approvals.finance", id);
-        let manager = values(&records, "approvals.manager", id);
-        assert_eq!(
-            levels(finance.iter().filter(|p| !is_reminder(p))),
-            vec![0, 1],
-            "{id}: each finance step once"
-        );
-        assert_eq!(
-            levels(manager.iter().filter(|p| !is_reminder(p))),
-            vec![2],
-            "{id}: the manager step once"
-        );
-        let reminded: Vec<i64> = levels(finance.iter().chain(&manager).filter(|p| is_reminder(p)));
-        let distinct: BTreeSet<i64> = reminded.iter().copied().collect();
-        assert_eq!(
-            reminded.len(),
-            distinct.len(),
-            "{id}: a reminder repeated: {reminded:?}"
-        );
-        let outcomes = values(&records, "approvals.outcomes", id);
-        assert_eq!(outcomes.len(), 1, "{id}: one outcome");
-        assert_eq!(outcomes[0]["outcome"], "expired");
-        assert_eq!(outcomes[0]["expired_lane"], "finance");
-    }
+    every_step_once(&read_to_markers(&config, &topics), &ids);
 }
 
 /// Killed with SIGKILL in the middle of a burst of SLA expiries (as soon
@@ -348,29 +354,5 @@ fn three_instances_one_killed_one_added_fire_every_step_once() {
     );
     drop(members);
 
-    let records = read_to_markers(&config, &topics);
-    for id in &ids {
-        let finance = values(&records, "approvals.finance", id);
-        let manager = values(&records, "approvals.manager", id);
-        assert_eq!(
-            levels(finance.iter().filter(|p| !is_reminder(p))),
-            vec![0, 1],
-            "{id}: each finance step once"
-        );
-        assert_eq!(
-            levels(manager.iter().filter(|p| !is_reminder(p))),
-            vec![2],
-            "{id}: the manager step once"
-        );
-        let reminded: Vec<i64> = levels(finance.iter().chain(&manager).filter(|p| is_reminder(p)));
-        let distinct: BTreeSet<i64> = reminded.iter().copied().collect();
-        assert_eq!(
-            reminded.len(),
-            distinct.len(),
-            "{id}: a reminder repeated: {reminded:?}"
-        );
-        let outcomes = values(&records, "approvals.outcomes", id);
-        assert_eq!(outcomes.len(), 1, "{id}: one outcome");
-        assert_eq!(outcomes[0]["outcome"], "expired");
-    }
+    every_step_once(&read_to_markers(&config, &topics), &ids);
 }

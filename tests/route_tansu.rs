@@ -128,6 +128,25 @@ fn assignments(log: &str) -> Vec<i64> {
         .collect()
 }
 
+/// Reads back every input and output (to the transaction markers) and
+/// checks that each input is in exactly one destination set, one pending
+/// record per action, none missing, packets written twice only as
+/// identical copies; returns how many were.
+fn everything_once(config: &Config, matrix: &switchboard::matrix::Matrix, sent: &[Case]) -> usize {
+    let inputs = read_to_markers(config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len(), "every input is still there");
+    let (_, copies) = check_outputs_with(
+        config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        sent,
+        &inputs,
+        &Outputs::read_to_markers(config, matrix),
+        Packets::IdenticalCopies,
+    );
+    copies
+}
+
 fn nudge_group(config: &Config) {
     common::nudge_group(config, GROUP, &[&config.topics.actions], "range,roundrobin");
 }
@@ -224,21 +243,11 @@ fn two_instances_share_the_partitions_and_survive_a_sigkill() {
     a.signal("TERM");
     a.wait_success(Duration::from_secs(30));
 
-    let inputs = read_to_markers(&config, &[&config.topics.actions]);
-    assert_eq!(inputs.len(), sent.len());
     // One pending record per action (no approval opened twice), its packets
     // on exactly its lanes. A packet may have been written twice only if the
     // kill caught instance b between an action's packets and its pending
     // record: then the survivor handled that batch again.
-    let (_, copies) = check_outputs_with(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read_to_markers(&config, &matrix),
-        Packets::IdenticalCopies,
-    );
+    let copies = everything_once(&config, &matrix, &sent);
     assert!(
         copies <= MAX_IN_FLIGHT_COPIES,
         "{copies} packets written twice: more than one in-flight batch of the killed instance"
@@ -395,17 +404,7 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
     last.signal("TERM");
     last.wait_success(Duration::from_secs(30));
 
-    let inputs = read_to_markers(&config, &[&config.topics.actions]);
-    assert_eq!(inputs.len(), sent.len());
-    let (_, copies) = check_outputs_with(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read_to_markers(&config, &matrix),
-        Packets::IdenticalCopies,
-    );
+    let copies = everything_once(&config, &matrix, &sent);
     assert!(
         copies <= kills * MAX_IN_FLIGHT_COPIES * 3,
         "{copies} packets written twice: more than the kills' in-flight batches"
@@ -493,17 +492,7 @@ fn three_instances_one_killed_one_added_lose_and_double_nothing() {
         instance.wait_success(Duration::from_secs(30));
     }
 
-    let inputs = read_to_markers(&config, &[&config.topics.actions]);
-    assert_eq!(inputs.len(), sent.len());
-    let (_, copies) = check_outputs_with(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read_to_markers(&config, &matrix),
-        Packets::IdenticalCopies,
-    );
+    let copies = everything_once(&config, &matrix, &sent);
     assert!(
         copies <= cycles * MAX_IN_FLIGHT_COPIES,
         "{copies} packets written twice: more than the killed members' batches in hand"
@@ -550,15 +539,5 @@ fn a_broker_restart_under_load_loses_nothing() {
     instance.signal("TERM");
     instance.wait_success(Duration::from_secs(30));
 
-    let inputs = read_to_markers(&config, &[&config.topics.actions]);
-    assert_eq!(inputs.len(), sent.len(), "every input survived the restart");
-    check_outputs_with(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read_to_markers(&config, &matrix),
-        Packets::IdenticalCopies,
-    );
+    everything_once(&config, &matrix, &sent);
 }

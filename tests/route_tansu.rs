@@ -37,6 +37,15 @@ fn consumed(addr: &str) -> Option<f64> {
     )
 }
 
+/// How many `agent.actions` partitions the instance serving `addr` holds.
+fn holds(addr: &str) -> f64 {
+    metric(
+        &scrape(addr),
+        r#"switchboard_assigned_partitions{topic="agent.actions"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
 fn ready(addr: &str) -> bool {
     http_get(addr, "/readyz").is_some_and(|(status, _)| status == 200)
 }
@@ -347,13 +356,6 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
     let config = config(&tansu);
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
-    let holds = |addr: &str| {
-        metric(
-            &scrape(addr),
-            r#"switchboard_assigned_partitions{topic="agent.actions"}"#,
-        )
-        .unwrap_or(0.0)
-    };
 
     let stream = Stream::start(&config, "crash");
     // A fixed seed: the kill points differ from kill to kill, not from run to run.
@@ -434,13 +436,6 @@ fn three_instances_one_killed_one_added_lose_and_double_nothing() {
     let config = config(&tansu);
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
-    let holds = |addr: &str| {
-        metric(
-            &scrape(addr),
-            r#"switchboard_assigned_partitions{topic="agent.actions"}"#,
-        )
-        .unwrap_or(0.0)
-    };
     let start = |n: usize| {
         let addr = format!("127.0.0.1:{}", free_port());
         (route_instance(&format!("member-{n}"), &tansu, &addr), addr)

@@ -11,7 +11,8 @@
 //!    unchanged to one topic, offsets committed after delivery, with the
 //!    same client settings switchboard uses;
 //! 3. switchboard's route stage on the same records, at-least-once (tansu
-//!    refuses librdkafka's transactions), until all N are committed;
+//!    refuses librdkafka's transactions), until all N are committed; then
+//!    the same pair again on the actions encoded as Confluent-framed Avro;
 //! 4. the same pair exactly once on librdkafka's mock cluster (the copy
 //!    loop then commits each batch in a transaction too);
 //! 5. end-to-end latency at a fixed offered rate of half the route stage's
@@ -28,7 +29,7 @@
 //! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
 //! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
 //! (1000000), `--timers T` (100000), `--only STEPS` (a comma-separated
-//! subset of `route,latency,eos,restore,timers`), `--rate R` (the latency
+//! subset of `route,avro,latency,eos,restore,timers`), `--rate R` (the latency
 //! step's offered rate when the route step is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
 //! if any step does not finish.
@@ -130,8 +131,9 @@ fn main() {
     let mut rows = Vec::new();
 
     let mut ratio = f64::NAN;
+    let mut avro_ratio = f64::NAN;
     let mut route = f64::NAN;
-    if args.runs("route") || args.runs("latency") {
+    if args.runs("route") || args.runs("avro") || args.runs("latency") {
         // ---- tansu: throughput, at least once ----
         eprintln!(
             "== tansu: loading {} actions into {} partitions",
@@ -175,6 +177,38 @@ fn main() {
                 route,
             ));
             ratio = pass / route;
+        }
+
+        if args.runs("avro") {
+            // ---- tansu: the same pair on Confluent-framed Avro input ----
+            eprintln!("== tansu: {} actions as Avro", args.records);
+            let avro_input = "bench.avro";
+            create_topics(
+                &runtime,
+                &bootstrap,
+                &[avro_input, "bench.avro.copy"],
+                args.partitions,
+            );
+            let actions = as_avro(&synthetic(args.records, "a"));
+            load(&bootstrap, avro_input, &actions);
+            let pass = passthrough(&bootstrap, avro_input, "bench.avro.copy", args.records, false);
+            rows.push(throughput_row(
+                "tansu",
+                &format!("passthrough, Avro ({:.0} B each)", mean_size(&actions)),
+                args.records,
+                pass,
+            ));
+            let mut avro = config.clone();
+            avro.topics.actions = avro_input.into();
+            avro.group_id = "bench-avro".into();
+            let route = run_route(&runtime, avro, args.records);
+            rows.push(throughput_row(
+                "tansu",
+                "route stage, Avro, at least once",
+                args.records,
+                route,
+            ));
+            avro_ratio = pass / route;
         }
 
         if args.runs("latency") {
@@ -281,8 +315,8 @@ fn main() {
 
     print_table(&rows, &args);
     println!(
-        "ratio: route/passthrough = {:.2} (exactly once on the mock cluster: {:.2})",
-        ratio, eos_ratio
+        "ratio: route/passthrough = {:.2} (Avro input: {:.2}; exactly once on the mock cluster: {:.2})",
+        ratio, avro_ratio, eos_ratio
     );
 }
 
@@ -338,6 +372,21 @@ fn synthetic(n: usize, prefix: &str) -> Vec<(String, Vec<u8>)> {
                 payload = &filler[..filler.len().min(180)].repeat(2),
             );
             (id, json.into_bytes())
+        })
+        .collect()
+}
+
+/// The same actions as Confluent-framed Avro (schema id 1), stamped with
+/// a fixed time: Avro carries it as timestamp-millis, not as text to
+/// stamp in place, and the throughput steps do not read it.
+fn as_avro(actions: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    let time = format!("\"{}\"", Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
+    actions
+        .iter()
+        .map(|(key, json)| {
+            let text = String::from_utf8_lossy(json).replace(&format!("\"{TIME_SLOT}\""), &time);
+            let value: serde_json::Value = serde_json::from_str(&text).expect("a synthetic action is JSON");
+            (key.clone(), common::avro(&value))
         })
         .collect()
 }

@@ -95,6 +95,11 @@ impl ProducerContext for DeliveryTracker {
 /// reports itself unready.
 const FLUSH_SLICE: Duration = Duration::from_secs(1);
 
+/// How long one wait for delivery reports blocks (rust-rdkafka's poll runs
+/// its whole timeout even when reports arrive early): the granularity at
+/// which an acknowledged batch is noticed.
+const DELIVERY_POLL: Duration = Duration::from_millis(1);
+
 pub struct Sink {
     producer: BaseProducer<DeliveryTracker>,
     guarantee: Guarantee,
@@ -245,9 +250,9 @@ impl Sink {
                     break;
                 }
             }
-            // Flush in slices, so a broker that is away is noticed (and a
+            // Wait in slices, so a broker that is away is noticed (and a
             // stop obeyed) within a second.
-            while self.producer.flush(FLUSH_SLICE).is_err() {
+            while !self.wait_delivered(FLUSH_SLICE) {
                 if stop.load(Ordering::Relaxed) {
                     break 'write Err(SinkError::Interrupted);
                 }
@@ -281,6 +286,24 @@ impl Sink {
             self.set_ready(true, "");
         }
         result
+    }
+
+    /// Waits up to `slice` until every record enqueued so far is
+    /// acknowledged or has failed, serving delivery reports meanwhile; true
+    /// when none is left. Not `Producer::flush`: rust-rdkafka's flush serves
+    /// delivery reports in 100 ms polls that always run their full length,
+    /// so every flush took at least 100 ms however fast the broker answered.
+    fn wait_delivered(&self, slice: Duration) -> bool {
+        let deadline = Instant::now() + slice;
+        loop {
+            if self.producer.in_flight_count() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.producer.poll(DELIVERY_POLL);
+        }
     }
 
     fn set_ready(&self, ready: bool, reason: &str) {

@@ -531,7 +531,10 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
 fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, limit: Duration) {
     let deadline = Instant::now() + limit;
     while producer.in_flight_count() > 0 {
-        assert!(Instant::now() < deadline, "copies not acknowledged within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "copies not acknowledged within {limit:?}"
+        );
         producer.poll(Duration::from_millis(1));
     }
 }

@@ -280,7 +280,9 @@ impl<T> Pipeline<T> {
     fn complete_front<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let mut any = false;
         while self.batches.front().is_some_and(|b| b.phase == Phase::Done) {
-            let Some(batch) = self.batches.pop_front() else { break };
+            let Some(batch) = self.batches.pop_front() else {
+                break;
+            };
             for (topic, partition, offset) in batch.offsets {
                 let next = self.durable.entry((topic, partition)).or_insert(offset);
                 *next = (*next).max(offset);

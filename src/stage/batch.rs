@@ -88,7 +88,10 @@ pub fn poll_owned_batch(
         if now != revocations {
             revocations = now;
             if !batch.is_empty() {
-                tracing::info!(records = batch.len(), "dropping records polled before a revocation");
+                tracing::info!(
+                    records = batch.len(),
+                    "dropping records polled before a revocation"
+                );
                 batch.clear();
             }
         }

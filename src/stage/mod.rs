@@ -184,7 +184,11 @@ impl ConsumerContext for StageContext {
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &rdkafka::TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &rdkafka::TopicPartitionList,
+    ) {
         if let Err(error) = result {
             self.metrics
                 .kafka_errors_total

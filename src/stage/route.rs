@@ -194,7 +194,12 @@ impl RouteStage {
     /// thread reads and routes the next batch while earlier ones are written.
     /// Actions in flight count as seen for the batches after them, and are
     /// marked seen for good once their batch is durable.
-    fn run_pipelined(&self, consumer: &BaseConsumer<StageContext>, sink: Sink, stop: &Arc<AtomicBool>) -> RouteSummary {
+    fn run_pipelined(
+        &self,
+        consumer: &BaseConsumer<StageContext>,
+        sink: Sink,
+        stop: &Arc<AtomicBool>,
+    ) -> RouteSummary {
         let config = &self.config;
         let pipeline: Arc<Mutex<Pipeline<InFlightBatch>>> =
             Arc::new(Mutex::new(Pipeline::new(sink, config.topics.pending.clone())));
@@ -547,7 +552,11 @@ impl RouteStage {
     /// Drops actions already seen (earlier, in a batch still in flight, or
     /// earlier in this batch) and flattens the rest into the batch's
     /// outputs; their ids join `in_flight`.
-    fn assemble(&self, handled: Vec<Handled>, in_flight: &mut HashSet<String>) -> (Vec<Output>, Vec<Routed>, Counts) {
+    fn assemble(
+        &self,
+        handled: Vec<Handled>,
+        in_flight: &mut HashSet<String>,
+    ) -> (Vec<Output>, Vec<Routed>, Counts) {
         let mut outputs = Vec::with_capacity(handled.len() * 3);
         let mut fresh: Vec<Routed> = Vec::with_capacity(handled.len());
         let mut counts = Counts::default();

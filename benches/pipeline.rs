@@ -623,6 +623,13 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
     let mut outputs: Vec<String> = matrix.lanes.iter().map(|l| l.topic.clone()).collect();
     outputs.push(config.topics.allowed.clone());
 
+    // The stage's topics exist already when the route step ran before;
+    // with `--only latency` they are made here, so their ends can be read.
+    let owned: Vec<String> = switchboard::kafka::owned_topics(&config, &matrix)
+        .into_iter()
+        .collect();
+    let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+    create_topics(runtime, &config.bootstrap_servers, &owned, config.partitions);
     let reader: BaseConsumer = switchboard::kafka::reader_config(&config)
         .set("fetch.wait.max.ms", "1")
         .create()

@@ -561,9 +561,7 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
                 .commit_transaction(Duration::from_secs(30))
                 .expect("committing");
         } else {
-            producer
-                .flush(Duration::from_secs(60))
-                .expect("every copy acknowledged");
+            wait_delivered(&producer, Duration::from_secs(60));
             if tpl.count() > 0 {
                 consumer
                     .commit(&tpl, CommitMode::Sync)
@@ -572,6 +570,22 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
         }
     }
     started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default()
+}
+
+/// Waits until every record `producer` holds is acknowledged, serving
+/// delivery reports in 1 ms polls, as the stages' sink does. Not
+/// `Producer::flush`: rust-rdkafka's flush polls for delivery reports in
+/// 100 ms slices that always run their whole length, which made every
+/// batch of this loop cost at least 100 ms whatever the broker did.
+fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while producer.in_flight_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "copies not acknowledged within {limit:?}"
+        );
+        producer.poll(Duration::from_millis(1));
+    }
 }
 
 // -------------------------------------------------------- route stage ----
@@ -658,6 +672,13 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
     let mut outputs: Vec<String> = matrix.lanes.iter().map(|l| l.topic.clone()).collect();
     outputs.push(config.topics.allowed.clone());
 
+    // The stage's topics exist already when the route step ran before;
+    // with `--only latency` they are made here, so their ends can be read.
+    let owned: Vec<String> = switchboard::kafka::owned_topics(&config, &matrix)
+        .into_iter()
+        .collect();
+    let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+    create_topics(runtime, &config.bootstrap_servers, &owned, config.partitions);
     let reader: BaseConsumer = switchboard::kafka::reader_config(&config)
         .set("fetch.wait.max.ms", "1")
         .create()

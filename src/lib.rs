@@ -25,6 +25,7 @@
 //! * [`clock`]: the one clock seam.
 //! * [`dlq`]: dead letters with their reasons.
 //! * [`sink`]: writing a batch exactly once (transactions) or at least once.
+//! * [`pipeline`]: at-least-once writes of several batches in flight at once.
 //! * [`reload`]: the live matrix and its hot reload.
 //! * [`stage`]: the Kafka loops (the route stage) and `run`.
 //! * [`demo`]: `switchboard demo`, on an in-process cluster.
@@ -60,6 +61,7 @@ pub mod metrics;
 pub mod ordered;
 pub mod packet;
 pub mod pending;
+pub mod pipeline;
 pub mod properties;
 pub mod reload;
 pub mod route;

@@ -71,10 +71,13 @@ pub enum SinkError {
     Interrupted,
 }
 
-/// Collects failed deliveries by their index in the batch.
+/// Collects delivery reports by the opaque each record was sent with (its
+/// index in the batch, or the pipeline's ticket): `None` when acknowledged.
+/// Reports arrive on the thread that polls the producer, so the lock is
+/// never contended.
 #[derive(Default)]
 pub struct DeliveryTracker {
-    failed: Mutex<Vec<(usize, KafkaError)>>,
+    reports: Mutex<Vec<(usize, Option<KafkaError>)>>,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -83,17 +86,22 @@ impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
-        if let Err((error, _)) = result
-            && let Ok(mut failed) = self.failed.lock()
-        {
-            failed.push((index, error.clone()));
+        let error = result.as_ref().err().map(|(error, _)| error.clone());
+        match self.reports.lock() {
+            Ok(mut reports) => reports.push((index, error)),
+            Err(poisoned) => poisoned.into_inner().push((index, error)),
         }
     }
 }
 
 /// How long one flush waits before the sink checks its stop flag and
 /// reports itself unready.
-const FLUSH_SLICE: Duration = Duration::from_secs(1);
+pub(crate) const FLUSH_SLICE: Duration = Duration::from_secs(1);
+
+/// How long one wait for delivery reports blocks (rust-rdkafka's poll runs
+/// its whole timeout even when reports arrive early): the granularity at
+/// which an acknowledged batch is noticed.
+pub(crate) const DELIVERY_POLL: Duration = Duration::from_millis(1);
 
 pub struct Sink {
     producer: BaseProducer<DeliveryTracker>,
@@ -245,9 +253,9 @@ impl Sink {
                     break;
                 }
             }
-            // Flush in slices, so a broker that is away is noticed (and a
+            // Wait in slices, so a broker that is away is noticed (and a
             // stop obeyed) within a second.
-            while self.producer.flush(FLUSH_SLICE).is_err() {
+            while !self.wait_delivered(FLUSH_SLICE) {
                 if stop.load(Ordering::Relaxed) {
                     break 'write Err(SinkError::Interrupted);
                 }
@@ -283,14 +291,32 @@ impl Sink {
         result
     }
 
-    fn set_ready(&self, ready: bool, reason: &str) {
+    /// Waits up to `slice` until every record enqueued so far is
+    /// acknowledged or has failed, serving delivery reports meanwhile; true
+    /// when none is left. Not `Producer::flush`: rust-rdkafka's flush serves
+    /// delivery reports in 100 ms polls that always run their full length,
+    /// so every flush took at least 100 ms however fast the broker answered.
+    fn wait_delivered(&self, slice: Duration) -> bool {
+        let deadline = Instant::now() + slice;
+        loop {
+            if self.producer.in_flight_count() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.producer.poll(DELIVERY_POLL);
+        }
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool, reason: &str) {
         if let Some(health) = &self.health {
             health.set_ready(ready, reason);
         }
     }
 
     /// Enqueues one record, waiting for room when the local queue is full.
-    fn send(&self, output: &Output, index: usize) -> Result<(), KafkaError> {
+    pub(crate) fn send(&self, output: &Output, index: usize) -> Result<(), KafkaError> {
         let headers = (!output.headers.is_empty()).then(|| {
             output.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
                 h.insert(Header {
@@ -325,10 +351,25 @@ impl Sink {
     }
 
     fn take_failures(&self) -> Vec<(usize, KafkaError)> {
+        self.take_reports()
+            .into_iter()
+            .filter_map(|(index, error)| error.map(|e| (index, e)))
+            .collect()
+    }
+
+    /// Serves waiting delivery reports and returns every one received since
+    /// the last call.
+    pub(crate) fn take_reports(&self) -> Vec<(usize, Option<KafkaError>)> {
         self.producer.poll(Duration::ZERO);
-        match self.producer.context().failed.lock() {
-            Ok(mut failed) => std::mem::take(&mut *failed),
+        match self.producer.context().reports.lock() {
+            Ok(mut reports) => std::mem::take(&mut *reports),
             Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
         }
+    }
+
+    /// Blocks for about `wait` serving delivery reports (they are then
+    /// taken with [`Sink::take_reports`]).
+    pub(crate) fn poll_reports(&self, wait: Duration) {
+        self.producer.poll(wait);
     }
 }

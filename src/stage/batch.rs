@@ -63,6 +63,56 @@ pub fn poll_batch(
     batch
 }
 
+/// [`poll_batch`], less the records polled before a revocation during the
+/// poll: their partitions may have moved, and the offsets committed before
+/// they were revoked are where their next owner (maybe this instance again,
+/// whose position the new assignment resets to them) reads them from.
+pub fn poll_owned_batch(
+    consumer: &BaseConsumer<StageContext>,
+    limit: usize,
+    first: Duration,
+    wait: Duration,
+    metrics: &Metrics,
+) -> Vec<InputRecord> {
+    let mut batch = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut revocations = consumer.context().revocations();
+    while batch.len() < limit {
+        let timeout = if batch.is_empty() {
+            first
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        let polled = consumer.poll(timeout);
+        let now = consumer.context().revocations();
+        if now != revocations {
+            revocations = now;
+            if !batch.is_empty() {
+                tracing::info!(
+                    records = batch.len(),
+                    "dropping records polled before a revocation"
+                );
+                batch.clear();
+            }
+        }
+        match polled {
+            Some(Ok(m)) => batch.push(InputRecord::copy_of(&m)),
+            Some(Err(e)) => {
+                metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
+                consumer.context().note_error(&e);
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            None => {
+                if batch.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+    batch
+}
+
 /// The offsets to commit after a batch: one past the last record of each
 /// partition.
 pub fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {

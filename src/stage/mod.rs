@@ -11,7 +11,8 @@ pub mod escalate;
 pub mod route;
 mod run;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
@@ -31,7 +32,20 @@ pub struct StageContext {
     /// Unready while every broker is unreachable.
     health: Option<crate::http::Health>,
     brokers_down: AtomicBool,
+    /// Revocations so far: records polled before one belong to partitions
+    /// that may have moved, see [`batch::poll_owned_batch`].
+    revocations: AtomicU64,
+    /// Run before partitions are revoked, while this instance still holds
+    /// them: the route stage makes its batches in flight durable and
+    /// commits their offsets there, so the partitions' next owner starts
+    /// after them.
+    on_revoke: Mutex<Option<RevokeHook>>,
+    /// Set when the broker refused an asynchronous offset commit.
+    commit_refused: AtomicBool,
 }
+
+/// See [`StageContext::set_on_revoke`].
+pub type RevokeHook = Box<dyn Fn(&BaseConsumer<StageContext>) + Send + Sync>;
 
 impl StageContext {
     pub fn new(metrics: Metrics) -> Self {
@@ -40,7 +54,29 @@ impl StageContext {
             assigned: AtomicBool::new(false),
             health: None,
             brokers_down: AtomicBool::new(false),
+            revocations: AtomicU64::new(0),
+            on_revoke: Mutex::new(None),
+            commit_refused: AtomicBool::new(false),
         }
+    }
+
+    /// Sets (or with `None` clears) what runs before partitions are
+    /// revoked. It runs on the thread polling the consumer, inside the poll.
+    pub fn set_on_revoke(&self, hook: Option<RevokeHook>) {
+        match self.on_revoke.lock() {
+            Ok(mut slot) => *slot = hook,
+            Err(poisoned) => *poisoned.into_inner() = hook,
+        }
+    }
+
+    /// Revocations so far.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::Acquire)
+    }
+
+    /// Whether the broker refused an offset commit since the last call.
+    pub fn take_commit_refused(&self) -> bool {
+        self.commit_refused.swap(false, Ordering::AcqRel)
     }
 
     pub fn with_health(mut self, health: crate::http::Health) -> Self {
@@ -135,6 +171,34 @@ impl StageContext {
 }
 
 impl ConsumerContext for StageContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            let hook = match self.on_revoke.lock() {
+                Ok(slot) => slot,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some(hook) = hook.as_ref() {
+                hook(consumer);
+            }
+            self.revocations.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &rdkafka::TopicPartitionList,
+    ) {
+        if let Err(error) = result {
+            self.metrics
+                .kafka_errors_total
+                .with_label_values(&["commit"])
+                .inc();
+            tracing::debug!(%error, "offset commit refused");
+            self.commit_refused.store(true, Ordering::Release);
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {

@@ -10,18 +10,18 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::StageContext;
-use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
+use super::batch::{InputRecord, next_offsets, poll_batch, poll_owned_batch, rewind};
 use crate::changelog::TableReader;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, Guarantee};
 use crate::decode::Decoder;
 use crate::dedup::SeenIndex;
 use crate::dlq::{self, Failed};
@@ -32,9 +32,10 @@ use crate::matrix::Matrix;
 use crate::metrics::Metrics;
 use crate::packet::{self, PacketInput};
 use crate::pending::{LaneState, PendingRecord, Status};
+use crate::pipeline::Pipeline;
 use crate::reload::MatrixHandle;
 use crate::route::route;
-use crate::sink::{Output, Sink, SinkError};
+use crate::sink::{DELIVERY_POLL, Output, Sink, SinkError};
 
 /// Everything the route stage shares with the rest of the process.
 /// Room kept free in every routed output for what the escalation stage adds
@@ -103,16 +104,42 @@ impl RouteStage {
         self.health.set_ready(true, "");
         tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
 
+        let summary = match config.guarantee {
+            Guarantee::ExactlyOnce => self.run_transactions(&consumer, &sink, &stop)?,
+            Guarantee::AtLeastOnce => self.run_pipelined(&consumer, sink, &stop),
+        };
+        self.health.set_ready(false, "shutting down");
+        consumer.unsubscribe();
+        tracing::info!(?summary, "route stage stopped");
+        Ok(summary)
+    }
+
+    /// How many records the next batch may take: `--max-events` counts the
+    /// ones in flight too.
+    fn limit(&self, handled: u64) -> usize {
+        match self.config.max_events {
+            Some(max) => max.saturating_sub(handled).min(self.config.batch_size as u64) as usize,
+            None => self.config.batch_size,
+        }
+    }
+
+    /// Exactly once: one transaction per batch, with its offsets.
+    fn run_transactions(
+        &self,
+        consumer: &BaseConsumer<StageContext>,
+        sink: &Sink,
+        stop: &AtomicBool,
+    ) -> Result<RouteSummary, KafkaStageError> {
+        let config = &self.config;
         let mut summary = RouteSummary::default();
         let mut backoff = Duration::from_millis(50);
         while !stop.load(Ordering::Relaxed) {
-            let limit = match config.max_events {
-                Some(max) if summary.handled >= max => break,
-                Some(max) => (max - summary.handled).min(config.batch_size as u64) as usize,
-                None => config.batch_size,
-            };
+            let limit = self.limit(summary.handled);
+            if limit == 0 {
+                break;
+            }
             let batch = poll_batch(
-                &consumer,
+                consumer,
                 limit,
                 Duration::from_millis(100),
                 config.batch_wait,
@@ -124,17 +151,13 @@ impl RouteStage {
             let matrix = self.matrix.current();
             let started = Instant::now();
             let handled = self.handle_batch(&batch, &matrix, self.clock.now());
-            let (outputs, fresh, counts) = self.assemble(handled);
+            let (outputs, fresh, counts) = self.assemble(handled, &mut HashSet::new());
             let offsets = next_offsets(&batch);
-            match sink.write(&outputs, &offsets, &consumer, &stop) {
+            match sink.write(&outputs, &offsets, consumer, stop) {
                 Ok(()) => {
                     consumer.context().brokers_back();
-                    self.committed(&batch, &fresh, &counts);
-                    summary.handled += batch.len() as u64;
-                    summary.routed += counts.routed;
-                    summary.allowed += counts.allowed;
-                    summary.dead += counts.dead;
-                    summary.duplicates += counts.duplicates;
+                    self.committed(&batch_topic_counts(&batch), &fresh, &counts);
+                    summary.add(batch.len(), &counts);
                     backoff = Duration::from_millis(50);
                     tracing::debug!(records = batch.len(), elapsed = ?started.elapsed(), "batch committed");
                 }
@@ -145,7 +168,7 @@ impl RouteStage {
                         .inc();
                     self.health.set_ready(false, &reason);
                     tracing::warn!(%reason, records = batch.len(), "batch not durable; handling it again");
-                    rewind(&consumer, &batch);
+                    rewind(consumer, &batch);
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     self.health.set_ready(true, "");
@@ -153,9 +176,9 @@ impl RouteStage {
                 Err(SinkError::CommitFailed(reason)) => {
                     // The outputs are durable: mark the actions seen so the
                     // records, when they come back, are dropped as duplicates.
-                    self.committed(&batch, &fresh, &counts);
+                    self.committed(&batch_topic_counts(&batch), &fresh, &counts);
                     tracing::warn!(%reason, "offsets not committed; the batch will be read again as duplicates");
-                    rewind(&consumer, &batch);
+                    rewind(consumer, &batch);
                 }
                 Err(SinkError::Interrupted) => break,
                 Err(SinkError::Fatal(reason)) => {
@@ -164,10 +187,127 @@ impl RouteStage {
                 }
             }
         }
-        self.health.set_ready(false, "shutting down");
-        consumer.unsubscribe();
-        tracing::info!(?summary, "route stage stopped");
         Ok(summary)
+    }
+
+    /// At least once: batches pipelined (see [`crate::pipeline`]); this
+    /// thread reads and routes the next batch while earlier ones are written.
+    /// Actions in flight count as seen for the batches after them, and are
+    /// marked seen for good once their batch is durable.
+    fn run_pipelined(
+        &self,
+        consumer: &BaseConsumer<StageContext>,
+        sink: Sink,
+        stop: &Arc<AtomicBool>,
+    ) -> RouteSummary {
+        let config = &self.config;
+        let pipeline: Arc<Mutex<Pipeline<InFlightBatch>>> =
+            Arc::new(Mutex::new(Pipeline::new(sink, config.topics.pending.clone())));
+        {
+            let pipeline = pipeline.clone();
+            let stop = stop.clone();
+            consumer.context().set_on_revoke(Some(Box::new(move |consumer| {
+                let mut pipeline = lock(&pipeline);
+                let stopping = || stop.load(Ordering::Relaxed);
+                pipeline.drain(consumer, &stopping, REVOKE_DRAIN_LIMIT);
+                pipeline.forget_offsets();
+            })));
+        }
+        // Action ids of the batches in flight.
+        let mut in_flight: HashSet<String> = HashSet::new();
+        let mut summary = RouteSummary::default();
+        loop {
+            let (completed, abandoned) = {
+                let mut p = lock(&pipeline);
+                p.service(consumer);
+                if consumer.context().take_commit_refused() {
+                    p.recommit(consumer);
+                }
+                (p.take_completed(), p.take_abandoned())
+            };
+            self.settle(consumer, completed, abandoned, &mut in_flight, &mut summary);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (depth, records) = {
+                let p = lock(&pipeline);
+                (p.len(), p.records() as u64)
+            };
+            let limit = self.limit(summary.handled + records);
+            if limit == 0 && depth == 0 {
+                break;
+            }
+            if limit == 0 || depth >= MAX_IN_FLIGHT {
+                lock(&pipeline).wait(consumer, DELIVERY_POLL);
+                continue;
+            }
+            // With writes in flight the consumer is polled in short waits so
+            // their acknowledgements are taken promptly.
+            let first = if depth > 0 {
+                DELIVERY_POLL
+            } else {
+                Duration::from_millis(100)
+            };
+            let batch = poll_owned_batch(consumer, limit, first, config.batch_wait, &self.metrics);
+            if batch.is_empty() {
+                continue;
+            }
+            let matrix = self.matrix.current();
+            let started = Instant::now();
+            let handled = self.handle_batch(&batch, &matrix, self.clock.now());
+            // Batches the revocation hook finished or gave up while polling
+            // are settled before this one is checked for duplicates.
+            let (completed, abandoned) = {
+                let mut p = lock(&pipeline);
+                (p.take_completed(), p.take_abandoned())
+            };
+            self.settle(consumer, completed, abandoned, &mut in_flight, &mut summary);
+            let (outputs, fresh, counts) = self.assemble(handled, &mut in_flight);
+            let offsets = next_offsets(&batch);
+            let done = InFlightBatch {
+                topics: batch_topic_counts(&batch),
+                fresh,
+                counts,
+            };
+            lock(&pipeline).push(outputs, &offsets, batch.len(), done);
+            tracing::debug!(records = batch.len(), elapsed = ?started.elapsed(), "batch sent");
+        }
+        // Stopping (or --max-events reached): the batches in hand are
+        // finished and committed unless the broker is away.
+        let (completed, abandoned) = {
+            let mut p = lock(&pipeline);
+            let stopping = || true;
+            p.drain(consumer, &stopping, REVOKE_DRAIN_LIMIT);
+            (p.take_completed(), p.take_abandoned())
+        };
+        self.settle(consumer, completed, abandoned, &mut in_flight, &mut summary);
+        consumer.context().set_on_revoke(None);
+        summary
+    }
+
+    /// Bookkeeping for batches the pipeline finished or gave up.
+    fn settle(
+        &self,
+        consumer: &BaseConsumer<StageContext>,
+        completed: Vec<(InFlightBatch, usize)>,
+        abandoned: Vec<InFlightBatch>,
+        in_flight: &mut HashSet<String>,
+        summary: &mut RouteSummary,
+    ) {
+        for (done, records) in completed {
+            consumer.context().brokers_back();
+            for r in &done.fresh {
+                in_flight.remove(&r.action_id);
+            }
+            self.committed(&done.topics, &done.fresh, &done.counts);
+            summary.add(records, &done.counts);
+        }
+        for done in abandoned {
+            // Not durable: routed again when their records come back.
+            for r in &done.fresh {
+                in_flight.remove(&r.action_id);
+            }
+        }
     }
 
     /// Starts the readers of the pending changelog (seen actions) and the
@@ -409,12 +549,16 @@ impl RouteStage {
         })
     }
 
-    /// Drops actions already seen (earlier, or earlier in this batch) and
-    /// flattens the rest into the batch's outputs.
-    fn assemble(&self, handled: Vec<Handled>) -> (Vec<Output>, Vec<Routed>, Counts) {
+    /// Drops actions already seen (earlier, in a batch still in flight, or
+    /// earlier in this batch) and flattens the rest into the batch's
+    /// outputs; their ids join `in_flight`.
+    fn assemble(
+        &self,
+        handled: Vec<Handled>,
+        in_flight: &mut HashSet<String>,
+    ) -> (Vec<Output>, Vec<Routed>, Counts) {
         let mut outputs = Vec::with_capacity(handled.len() * 3);
         let mut fresh: Vec<Routed> = Vec::with_capacity(handled.len());
-        let mut in_batch: HashSet<String> = HashSet::new();
         let mut counts = Counts::default();
         for h in handled {
             match h {
@@ -424,7 +568,7 @@ impl RouteStage {
                     *counts.dead_by_reason.entry(reason).or_default() += 1;
                 }
                 Handled::Routed(mut r) => {
-                    if self.seen.contains(&r.action_id) || !in_batch.insert(r.action_id.clone()) {
+                    if self.seen.contains(&r.action_id) || !in_flight.insert(r.action_id.clone()) {
                         counts.duplicates += 1;
                         continue;
                     }
@@ -443,10 +587,12 @@ impl RouteStage {
 
     /// Bookkeeping once a batch is durable: its actions are seen, and its
     /// metrics count.
-    fn committed(&self, batch: &[InputRecord], fresh: &[Routed], counts: &Counts) {
+    fn committed(&self, topics: &BTreeMap<String, u64>, fresh: &[Routed], counts: &Counts) {
         let m = &self.metrics;
         m.transactions_total.with_label_values(&["commit"]).inc();
-        super::batch::count_consumed(m, batch);
+        for (topic, n) in topics {
+            m.events_consumed_total.with_label_values(&[topic]).inc_by(*n);
+        }
         m.events_allowed_total.inc_by(counts.allowed);
         m.duplicates_total.inc_by(counts.duplicates);
         for (reason, n) in &counts.dead_by_reason {
@@ -463,6 +609,56 @@ impl RouteStage {
             let latency = (now - r.occurred_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
             m.end_to_end_latency_seconds.observe(latency);
         }
+    }
+}
+
+/// How many batches the at-least-once pipeline keeps in flight: enough to
+/// route one while the writes of those before it travel, few enough to
+/// bound memory (each holds its outputs until acknowledged).
+const MAX_IN_FLIGHT: usize = 4;
+
+/// How long a revocation (or a stop) waits for the batches in flight
+/// before giving up on them: well inside the group's max.poll.interval.ms.
+const REVOKE_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// What the route stage keeps of a batch in flight, for when it is durable.
+struct InFlightBatch {
+    topics: BTreeMap<String, u64>,
+    fresh: Vec<Routed>,
+    counts: Counts,
+}
+
+/// Records per input topic of a batch.
+fn batch_topic_counts(batch: &[InputRecord]) -> BTreeMap<String, u64> {
+    let mut by_topic: BTreeMap<String, u64> = BTreeMap::new();
+    for r in batch {
+        if let Some(n) = by_topic.get_mut(r.topic.as_str()) {
+            *n += 1;
+        } else {
+            by_topic.insert(r.topic.clone(), 1);
+        }
+    }
+    by_topic
+}
+
+/// The pipeline's lock; it is only ever taken on the stage's own thread
+/// (the revocation hook runs inside the consumer's poll, between two uses),
+/// so a poisoned lock only means a panic already unwinding, and its state
+/// is still the truth about what was sent.
+fn lock(pipeline: &Mutex<Pipeline<InFlightBatch>>) -> std::sync::MutexGuard<'_, Pipeline<InFlightBatch>> {
+    match pipeline.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl RouteSummary {
+    fn add(&mut self, records: usize, counts: &Counts) {
+        self.handled += records as u64;
+        self.routed += counts.routed;
+        self.allowed += counts.allowed;
+        self.dead += counts.dead;
+        self.duplicates += counts.duplicates;
     }
 }
 

@@ -222,22 +222,41 @@ fn main() {
                 "== tansu: latency at {rate:.0} actions/s for {} s",
                 args.latency_secs
             );
+            let copy = latency(
+                &runtime,
+                Carrier::Copy {
+                    bootstrap: bootstrap.clone(),
+                    input: "bench.latency.in".into(),
+                    output: "bench.latency.copy".into(),
+                },
+                args.partitions,
+                rate,
+                args.latency_secs,
+            );
             config.topics.actions = "bench.latency".into();
             config.group_id = "bench-latency".into();
             create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
-            let latencies = latency(&runtime, config, rate, args.latency_secs);
-            rows.push(Row {
-                broker: "tansu",
-                what: format!("end-to-end latency at {rate:.0}/s"),
-                records: latencies.len(),
-                seconds: args.latency_secs as f64,
-                note: format!(
-                    "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-                    quantile(&latencies, 0.5),
-                    quantile(&latencies, 0.99),
-                    quantile(&latencies, 0.999)
-                ),
-            });
+            let stage = latency(
+                &runtime,
+                Carrier::Stage(Box::new(config)),
+                args.partitions,
+                rate,
+                args.latency_secs,
+            );
+            for (what, latencies) in [("passthrough", copy), ("route stage", stage)] {
+                rows.push(Row {
+                    broker: "tansu",
+                    what: format!("latency at {rate:.0}/s: {what}"),
+                    records: latencies.len(),
+                    seconds: args.latency_secs as f64,
+                    note: format!(
+                        "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                        quantile(&latencies, 0.5),
+                        quantile(&latencies, 0.99),
+                        quantile(&latencies, 0.999)
+                    ),
+                });
+            }
         }
         drop(tansu);
     }
@@ -454,7 +473,12 @@ fn load(bootstrap: &str, topic: &str, actions: &[(String, Vec<u8>)]) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-fn send(producer: &BaseProducer, topic: &str, key: &[u8], payload: &[u8]) {
+fn send<C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+) {
     let mut record = BaseRecord::to(topic).key(key).payload(payload);
     loop {
         match producer.send(record) {
@@ -665,21 +689,69 @@ fn throughput_row(broker: &'static str, what: &str, records: usize, seconds: f64
 /// when sent, while the route stage runs; a reader with 1 ms fetch waits
 /// takes every packet as it becomes readable. Returns each action's
 /// latency in milliseconds (to its last packet).
-fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, secs: u64) -> Vec<f64> {
-    let n = (rate * secs as f64) as usize;
-    config.max_events = Some(n as u64);
-    let matrix = switchboard::matrix::Matrix::load(&config.matrix_path).expect("the default matrix loads");
-    let mut outputs: Vec<String> = matrix.lanes.iter().map(|l| l.topic.clone()).collect();
-    outputs.push(config.topics.allowed.clone());
+/// What carries actions to packets in a latency run.
+enum Carrier {
+    /// The route stage with this configuration (its input topic, outputs
+    /// the lane topics and `actions.allowed`).
+    Stage(Box<Config>),
+    /// The physical limit: the plain copy loop from `input` to `output`.
+    Copy {
+        bootstrap: String,
+        input: String,
+        output: String,
+    },
+}
 
-    // The stage's topics exist already when the route step ran before;
-    // with `--only latency` they are made here, so their ends can be read.
-    let owned: Vec<String> = switchboard::kafka::owned_topics(&config, &matrix)
-        .into_iter()
-        .collect();
-    let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
-    create_topics(runtime, &config.bootstrap_servers, &owned, config.partitions);
-    let reader: BaseConsumer = switchboard::kafka::reader_config(&config)
+/// Offers `rate` actions a second for `secs` to the carrier, after a
+/// warm-up, and returns each measured action's latency in milliseconds:
+/// from its `occurred_at` (stamped as it is sent) to the moment a reader
+/// with 1 ms fetch waits holds its last output.
+fn latency(
+    runtime: &tokio::runtime::Runtime,
+    carrier: Carrier,
+    partitions: i32,
+    rate: f64,
+    secs: u64,
+) -> Vec<f64> {
+    let n = (rate * secs as f64) as usize;
+    let (bootstrap, input, outputs, reader_config) = match &carrier {
+        Carrier::Stage(config) => {
+            let matrix =
+                switchboard::matrix::Matrix::load(&config.matrix_path).expect("the default matrix loads");
+            let mut outputs: Vec<String> = matrix.lanes.iter().map(|l| l.topic.clone()).collect();
+            outputs.push(config.topics.allowed.clone());
+            // The stage's topics exist already when the route step ran
+            // before; with `--only latency` they are made here, so their
+            // ends can be read.
+            let owned: Vec<String> = switchboard::kafka::owned_topics(config, &matrix)
+                .into_iter()
+                .collect();
+            let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+            create_topics(runtime, &config.bootstrap_servers, &owned, partitions);
+            (
+                config.bootstrap_servers.clone(),
+                config.topics.actions.clone(),
+                outputs,
+                switchboard::kafka::reader_config(config),
+            )
+        }
+        Carrier::Copy {
+            bootstrap,
+            input,
+            output,
+        } => {
+            create_topics(runtime, bootstrap, &[input, output], partitions);
+            let config = Config::new(bootstrap, PathBuf::new());
+            (
+                bootstrap.clone(),
+                input.clone(),
+                vec![output.clone()],
+                switchboard::kafka::reader_config(&config),
+            )
+        }
+    };
+    let mut reader_config = reader_config;
+    let reader: BaseConsumer = reader_config
         .set("fetch.wait.max.ms", "1")
         .create()
         .expect("a reader");
@@ -689,7 +761,7 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
     // reports a short end) are left out by their key prefix below.
     let mut assignment = TopicPartitionList::new();
     for topic in &outputs {
-        for p in 0..config.partitions {
+        for p in 0..partitions {
             let (_, high) = reader
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .expect("the output's end");
@@ -700,25 +772,67 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
     }
     reader.assign(&assignment).expect("assigning the reader");
 
+    // The carrier runs until it has handled every action.
+    let total = WARM_UP + n;
     let metrics = Metrics::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let input = config.topics.actions.clone();
-    let bootstrap = config.bootstrap_servers.clone();
-    let handle = runtime.spawn(switchboard::stage::run(config, metrics.clone(), stop.clone()));
-    while metrics.assigned_partitions.with_label_values(&[&input]).get() == 0 {
-        assert!(
-            !handle.is_finished(),
-            "the route stage stopped before its assignment"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let done: Box<dyn Fn() -> bool + '_> = match carrier {
+        Carrier::Stage(mut config) => {
+            config.max_events = Some(total as u64);
+            let handle = runtime.spawn(switchboard::stage::run(
+                *config,
+                metrics.clone(),
+                Arc::new(AtomicBool::new(false)),
+            ));
+            let handle = Arc::new(std::sync::Mutex::new(Some(handle)));
+            Box::new(move || {
+                let mut slot = handle.lock().expect("not poisoned");
+                if slot.as_ref().is_some_and(|h| h.is_finished()) {
+                    let summary = runtime
+                        .block_on(slot.take().expect("checked"))
+                        .expect("the stage joins")
+                        .expect("the stage ends cleanly");
+                    assert_eq!(summary.route.map(|r| r.handled), Some(total as u64));
+                }
+                slot.is_none()
+            })
+        }
+        Carrier::Copy {
+            bootstrap,
+            input,
+            output,
+        } => {
+            let handle = std::thread::spawn(move || passthrough(&bootstrap, &input, &output, total, false));
+            Box::new(move || handle.is_finished())
+        }
+    };
+
     let actions = synthetic(n, "lat");
+    let warm_up = synthetic(WARM_UP, "warm");
+    let warm = Arc::new(AtomicBool::new(false));
+    let warmed = warm.clone();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent_count = sent.clone();
+    let delivered = Delivered::default();
+    let delivered_count = delivered.0.clone();
+    let topic = input.clone();
     let sender = std::thread::spawn(move || {
-        let producer: BaseProducer = ClientConfig::new()
+        // As an agent's client would: librdkafka's default linger.
+        let producer: BaseProducer<Delivered> = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
-            .set("linger.ms", "0")
-            .create()
+            .set("linger.ms", "5")
+            .create_with_context(delivered)
             .expect("a producer");
+        // Warm-up actions first, measured ones once they were all read
+        // back: the carrier's start (its first fetch and assignment) is
+        // not part of its latency under a steady load.
+        for (key, bytes) in warm_up {
+            let mut bytes = bytes;
+            stamp(&mut bytes, Utc::now());
+            send(&producer, &topic, key.as_bytes(), &bytes);
+        }
+        while !warmed.load(Ordering::Relaxed) {
+            producer.poll(Duration::from_millis(1));
+        }
         let started = Instant::now();
         for (i, (key, bytes)) in actions.into_iter().enumerate() {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
@@ -730,22 +844,39 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
             }
             let mut bytes = bytes;
             stamp(&mut bytes, Utc::now());
-            send(&producer, &input, key.as_bytes(), &bytes);
+            send(&producer, &topic, key.as_bytes(), &bytes);
+            sent_count.store(i + 1, Ordering::Relaxed);
         }
-        producer
-            .flush(Duration::from_secs(60))
-            .expect("every action acknowledged");
+        wait_delivered(&producer, Duration::from_secs(60));
     });
 
     let mut last: BTreeMap<String, f64> = BTreeMap::new();
+    let mut warm_seen = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(secs + 120);
     let mut done_at = None;
+    let mut progress = Instant::now();
     while Instant::now() < deadline {
+        if progress.elapsed() >= Duration::from_secs(1) {
+            progress = Instant::now();
+            eprintln!(
+                "   sent {} (acknowledged {}), read back {}",
+                sent.load(Ordering::Relaxed),
+                delivered_count.load(Ordering::Relaxed).saturating_sub(WARM_UP),
+                last.len()
+            );
+        }
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(5)) {
             let received = Utc::now();
             let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                 continue;
             };
+            if key.starts_with("warm-") {
+                warm_seen.insert(key.to_string());
+                if warm_seen.len() == WARM_UP {
+                    warm.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
             if !key.starts_with("lat-") {
                 continue;
             }
@@ -766,22 +897,37 @@ fn latency(runtime: &tokio::runtime::Runtime, mut config: Config, rate: f64, sec
                 *e = e.max(ms);
             }
         }
-        if handle.is_finished() && done_at.is_none() {
+        if done_at.is_none() && done() {
             done_at = Some(Instant::now());
         }
-        // Once the stage is done, give the reader a moment to see the last batch.
+        // Once the carrier is done, give the reader a moment to see the last batch.
         if done_at.is_some_and(|d| d.elapsed() > Duration::from_millis(500) && last.len() >= n) {
             break;
         }
     }
     sender.join().expect("the sender finishes");
-    let summary = runtime
-        .block_on(handle)
-        .expect("the stage joins")
-        .expect("the stage ends cleanly");
-    assert_eq!(summary.route.map(|r| r.handled), Some(n as u64));
+    assert!(done(), "the carrier handled every action");
     assert_eq!(last.len(), n, "every offered action was read back");
     last.into_values().collect()
+}
+
+/// Actions sent, and read back, before the latency step's measured ones.
+const WARM_UP: usize = 100;
+
+/// Counts the acknowledged records of the latency step's producer.
+#[derive(Default)]
+struct Delivered(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ClientContext for Delivered {}
+
+impl rdkafka::producer::ProducerContext for Delivered {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 fn quantile(values: &[f64], q: f64) -> f64 {

@@ -154,6 +154,23 @@ struct Restored {
     read: u64,
 }
 
+/// Bursts of at least this many actions falling due at once are fired on
+/// every core; below it a thread costs more than it saves.
+const PARALLEL_BURST: usize = 512;
+
+/// A change worked out and serialized, ready to join the batch.
+struct Prepared {
+    partition: i32,
+    outputs: Vec<Output>,
+    escalation: Option<(String, String)>,
+    /// The lane whose SLA passed (an escalation or an expiry).
+    breach: Option<String>,
+    reminded: Option<String>,
+    /// Whether an outcome is among the outputs.
+    outcome: bool,
+    staged: Staged,
+}
+
 /// A record changed by the batch: the new state and its changelog JSON
 /// (what memory will hold once the batch is durable).
 struct Staged {
@@ -233,12 +250,22 @@ impl EscalateStage {
                 }
             }
             self.allow_restored(&mut state, &mut work, now);
+            let firing = std::time::Instant::now();
             self.fire_due(&mut state, &mut work, now);
             if batch.is_empty() && work.outputs.is_empty() && work.staged.is_empty() {
                 continue;
             }
+            let writing = std::time::Instant::now();
             match sink.write(&work.outputs, &next_offsets(&batch), &consumer, &stop) {
                 Ok(()) => {
+                    tracing::debug!(
+                        records = batch.len(),
+                        timers = work.popped.len(),
+                        outputs = work.outputs.len(),
+                        fire = ?writing.duration_since(firing),
+                        write = ?writing.elapsed(),
+                        "escalation batch durable"
+                    );
                     consumer.context().brokers_back();
                     super::batch::count_consumed(&self.metrics, &batch);
                     summary.handled += batch.len() as u64;
@@ -638,58 +665,134 @@ impl EscalateStage {
         }
     }
 
-    /// Fires every reminder and SLA due by `now`, in due order.
+    /// Fires every reminder and SLA due by `now`. A large burst (thousands
+    /// of SLAs falling due together) is worked out on every core: each
+    /// action's timers in due order on one thread, actions in parallel, so
+    /// the outcome is the same as one thread firing them in due order.
     fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
         let matrix = self.matrix.current();
+        let mut due: Vec<Timer> = Vec::new();
         while let Some(timer) = state.timers.pop_due(now) {
-            let effects = match timer.kind {
-                TimerKind::Purge => {
-                    if state.purge_is_due(&timer) {
-                        work.outputs.push(Output {
-                            topic: self.config.topics.pending.clone(),
-                            key: Some(timer.action_id.as_bytes().to_vec()),
-                            payload: None,
-                            headers: Vec::new(),
-                        });
-                        work.purged.push(timer.action_id.clone());
-                    }
-                    None
+            if timer.kind == TimerKind::Purge {
+                if state.purge_is_due(&timer) {
+                    work.outputs.push(Output {
+                        topic: self.config.topics.pending.clone(),
+                        key: Some(timer.action_id.as_bytes().to_vec()),
+                        payload: None,
+                        headers: Vec::new(),
+                    });
+                    work.purged.push(timer.action_id.clone());
                 }
-                kind => {
-                    let due = match work.staged.get(&*timer.action_id) {
-                        Some(staged) => escalation::is_current(&staged.record, &timer, now),
-                        None => state
-                            .records
-                            .get(&*timer.action_id)
-                            .is_some_and(|held| held.is_current(&timer, now)),
-                    };
-                    match self.current(state, work, &timer.action_id) {
-                        Some((partition, record)) if due => {
-                            let effects = if kind == TimerKind::Remind {
-                                escalation::remind(&record, timer.lane, now)
-                            } else {
-                                escalation::fire(&record, timer.lane, &matrix, now)
-                            };
-                            Some((partition, effects))
-                        }
-                        _ => None,
-                    }
-                }
-            };
-            work.popped.push(timer);
-            if let Some((partition, effects)) = effects {
-                self.stage(work, partition, effects);
+                work.popped.push(timer);
+            } else {
+                due.push(timer);
             }
         }
+        if due.is_empty() {
+            return;
+        }
+        // Each action's timers, in due order, as one job.
+        let mut jobs: Vec<Vec<&Timer>> = Vec::new();
+        let mut job_of: HashMap<&str, usize> = HashMap::new();
+        for timer in &due {
+            let next = jobs.len();
+            let i = *job_of.entry(&timer.action_id).or_insert(next);
+            if i == next {
+                jobs.push(Vec::new());
+            }
+            jobs[i].push(timer);
+        }
+        let fire = |job: &[&Timer]| -> Vec<Prepared> {
+            let mut out: Vec<Prepared> = Vec::new();
+            for timer in job {
+                let mine = out.last().map(|p| (p.partition, Cow::Borrowed(&p.staged.record)));
+                let current = match mine {
+                    Some(current) => Some(current),
+                    None => self.current(state, work, &timer.action_id),
+                };
+                let Some((partition, record)) = current else {
+                    continue;
+                };
+                if !escalation::is_current(&record, timer, now) {
+                    continue;
+                }
+                let effects = if timer.kind == TimerKind::Remind {
+                    escalation::remind(&record, timer.lane, now)
+                } else {
+                    escalation::fire(&record, timer.lane, &matrix, now)
+                };
+                if let Some(prepared) = self.prepare(partition, effects) {
+                    out.push(prepared);
+                }
+            }
+            out
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut lost: Vec<Timer> = Vec::new();
+        let prepared: Vec<Vec<Prepared>> = if jobs.len() < PARALLEL_BURST || workers < 2 {
+            jobs.iter().map(|job| fire(job)).collect()
+        } else {
+            let chunk = jobs.len().div_ceil(workers);
+            let results: Vec<(&[Vec<&Timer>], Option<Vec<Vec<Prepared>>>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = jobs
+                    .chunks(chunk)
+                    .map(|chunk| {
+                        (
+                            chunk,
+                            scope.spawn(|| chunk.iter().map(|job| fire(job)).collect::<Vec<_>>()),
+                        )
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(chunk, h)| (chunk, h.join().ok()))
+                    .collect()
+            });
+            let mut prepared = Vec::new();
+            for (chunk, result) in results {
+                match result {
+                    Some(done) => prepared.extend(done),
+                    None => {
+                        // A worker runs only the pure state machine and
+                        // serde_json; should it panic all the same, its
+                        // timers go back in the queue rather than being lost.
+                        tracing::error!(
+                            timers = chunk.len(),
+                            "a timer worker panicked; its timers are put back"
+                        );
+                        lost.extend(chunk.iter().flatten().map(|t| (*t).clone()));
+                    }
+                }
+            }
+            prepared
+        };
+        for prepared in prepared.into_iter().flatten() {
+            self.apply(work, prepared);
+        }
+        drop(job_of);
+        drop(jobs);
+        for timer in &lost {
+            state.reschedule(timer, now);
+        }
+        work.popped.extend(due);
     }
 
     /// Turns effects into outputs and a staged record.
     fn stage(&self, work: &mut Work, partition: i32, effects: Effects) {
+        if let Some(prepared) = self.prepare(partition, effects) {
+            self.apply(work, prepared);
+        }
+    }
+
+    /// Serializes what a change writes (the pure, costly half of staging,
+    /// safe to run on any thread).
+    fn prepare(&self, partition: i32, effects: Effects) -> Option<Prepared> {
         let topics = &self.config.topics;
         let key = effects.record.action_id.as_bytes().to_vec();
+        let mut outputs = Vec::with_capacity(effects.packets.len() + 2);
         for (topic, packet) in &effects.packets {
             if let Ok(bytes) = serde_json::to_vec(packet) {
-                work.outputs.push(Output {
+                outputs.push(Output {
                     topic: topic.clone(),
                     key: Some(key.clone()),
                     payload: Some(bytes),
@@ -697,28 +800,26 @@ impl EscalateStage {
                 });
             }
         }
-        if let Some((from, to)) = &effects.escalation {
-            work.escalations.push((from.clone(), to.clone()));
-            if let Some(lane) = effects.packets.first().and_then(|(_, p)| p.lane.as_deref()) {
-                work.breaches.push(lane.to_string());
-            }
-        }
-        if let Some(lane) = &effects.reminded {
-            work.reminders.push(lane.clone());
-        }
-        if let Some(outcome) = &effects.outcome {
-            if let Some(lane) = &outcome.expired_lane {
-                work.breaches.push(lane.to_string());
-            }
-            if let Ok(bytes) = serde_json::to_vec(outcome) {
-                work.outputs.push(Output {
-                    topic: topics.outcomes.clone(),
-                    key: Some(key.clone()),
-                    payload: Some(bytes),
-                    headers: Vec::new(),
-                });
-                work.outcomes += 1;
-            }
+        let breach = match (&effects.escalation, &effects.outcome) {
+            (Some(_), _) => effects
+                .packets
+                .first()
+                .and_then(|(_, p)| p.lane.as_deref())
+                .map(str::to_string),
+            (None, Some(outcome)) => outcome.expired_lane.as_deref().map(str::to_string),
+            (None, None) => None,
+        };
+        let mut outcome = false;
+        if let Some(o) = &effects.outcome
+            && let Ok(bytes) = serde_json::to_vec(o)
+        {
+            outputs.push(Output {
+                topic: topics.outcomes.clone(),
+                key: Some(key.clone()),
+                payload: Some(bytes),
+                headers: Vec::new(),
+            });
+            outcome = true;
         }
         let bytes = match serde_json::to_vec(&effects.record) {
             Ok(bytes) => bytes,
@@ -726,23 +827,47 @@ impl EscalateStage {
                 // Our own struct always serializes; were it ever not to,
                 // memory must not move ahead of the changelog.
                 tracing::error!(action_id = %effects.record.action_id, error = %e, "pending record not serializable; not staged");
-                return;
+                return None;
             }
         };
-        work.outputs.push(Output {
+        outputs.push(Output {
             topic: topics.pending.clone(),
             key: Some(key),
             payload: Some(bytes.clone()),
             headers: Vec::new(),
         });
-        work.staged.insert(
-            effects.record.action_id.to_string(),
-            Staged {
+        Some(Prepared {
+            partition,
+            outputs,
+            escalation: effects.escalation,
+            breach,
+            reminded: effects.reminded,
+            outcome,
+            staged: Staged {
                 partition,
                 record: effects.record,
                 bytes,
             },
-        );
+        })
+    }
+
+    /// Adds a prepared change to the batch.
+    fn apply(&self, work: &mut Work, prepared: Prepared) {
+        work.outputs.extend(prepared.outputs);
+        if let Some(escalation) = prepared.escalation {
+            work.escalations.push(escalation);
+        }
+        if let Some(lane) = prepared.breach {
+            work.breaches.push(lane);
+        }
+        if let Some(lane) = prepared.reminded {
+            work.reminders.push(lane);
+        }
+        if prepared.outcome {
+            work.outcomes += 1;
+        }
+        work.staged
+            .insert(prepared.staged.record.action_id.to_string(), prepared.staged);
     }
 
     /// Applies a durable batch to memory and metrics.

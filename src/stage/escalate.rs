@@ -158,6 +158,12 @@ struct Restored {
 /// every core; below it a thread costs more than it saves.
 const PARALLEL_BURST: usize = 512;
 
+/// One action's due timers, in due order.
+type Job<'t> = Vec<&'t Timer>;
+
+/// A worker's share of the jobs and what it made of them (`None`: it panicked).
+type Worked<'j, 't> = (&'j [Job<'t>], Option<Vec<Vec<Prepared>>>);
+
 /// A change worked out and serialized, ready to join the batch.
 struct Prepared {
     partition: i32,
@@ -692,7 +698,7 @@ impl EscalateStage {
             return;
         }
         // Each action's timers, in due order, as one job.
-        let mut jobs: Vec<Vec<&Timer>> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
         let mut job_of: HashMap<&str, usize> = HashMap::new();
         for timer in &due {
             let next = jobs.len();
@@ -733,7 +739,7 @@ impl EscalateStage {
             jobs.iter().map(|job| fire(job)).collect()
         } else {
             let chunk = jobs.len().div_ceil(workers);
-            let results: Vec<(&[Vec<&Timer>], Option<Vec<Vec<Prepared>>>)> = std::thread::scope(|scope| {
+            let results: Vec<Worked> = std::thread::scope(|scope| {
                 let handles: Vec<_> = jobs
                     .chunks(chunk)
                     .map(|chunk| {

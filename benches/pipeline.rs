@@ -1001,13 +1001,18 @@ fn escalation_process(
     addr: &str,
 ) -> Proc {
     let mut cmd = switchboard_command();
-    cmd.env("RUST_LOG", "warn")
-        .args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
-        .arg(matrix)
-        .args(["--stage", "escalate", "--guarantee", "at-least-once"])
-        .args(["--partitions", &partitions.to_string(), "--metrics-addr", addr])
-        .args(["--pending-topic", pending_topic, "--group-id", pending_topic])
-        .args(["--kafka", "fetch.wait.max.ms=10"]);
+    // BENCH_STAGE_LOG (a RUST_LOG filter) shows the stage's own log after
+    // each escalation step, to see where its time went.
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("BENCH_STAGE_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .args(["run", "--bootstrap-servers", &tansu.bootstrap(), "--matrix"])
+    .arg(matrix)
+    .args(["--stage", "escalate", "--guarantee", "at-least-once"])
+    .args(["--partitions", &partitions.to_string(), "--metrics-addr", addr])
+    .args(["--pending-topic", pending_topic, "--group-id", pending_topic])
+    .args(["--kafka", "fetch.wait.max.ms=10"]);
     Proc::spawn("escalate", cmd)
 }
 
@@ -1062,6 +1067,7 @@ fn restore(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rss = memory(process.pid());
+    show_log(&process);
     (elapsed, rss)
 }
 
@@ -1082,7 +1088,7 @@ fn fire_together(
     let due = Utc::now() + TimeDelta::from_std(lead).expect("a short lead");
     load_pending(&tansu.bootstrap(), topic, t, due, "f");
     let addr = format!("127.0.0.1:{}", free_port());
-    let _process = escalation_process(tansu, matrix, partitions, topic, &addr);
+    let process = escalation_process(tansu, matrix, partitions, topic, &addr);
     let deadline = Instant::now() + lead + Duration::from_secs(600);
     loop {
         if sum(&scrape(&addr), "switchboard_pending_approvals") >= t as f64 {
@@ -1103,7 +1109,16 @@ fn fire_together(
         assert!(Instant::now() < deadline, "escalated {escalated} of {t}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    (Utc::now() - due).num_milliseconds() as f64 / 1000.0
+    let seconds = (Utc::now() - due).num_milliseconds() as f64 / 1000.0;
+    show_log(&process);
+    seconds
+}
+
+/// The stage's log, when BENCH_STAGE_LOG asked for one.
+fn show_log(process: &Proc) {
+    if std::env::var_os("BENCH_STAGE_LOG").is_some() {
+        eprintln!("--- {} log\n{}", process.name, process.log_text());
+    }
 }
 
 // -------------------------------------------------------------- table ----

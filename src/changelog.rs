@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::kafka::{KafkaStageError, reader_config};
+use crate::kafka::{KafkaStageError, reader_config, restore_reader_config};
 
 /// Where a whole-topic read stops: (topic, partition, high watermark seen
 /// when it began), for the partitions that held anything.
@@ -181,11 +181,8 @@ pub fn read_all(
     read_partitions(config, topics, None, 0, limit)
 }
 
-/// Like [`read_all`], for one partition of one topic: how the escalation
-/// stage restores a partition's state. It reads at least to `at_least` (the
-/// group's committed offset), even when the broker reports a lower high
-/// watermark: what lies before the committed offset the group consumer
-/// will not read again, so the restore must.
+/// Like [`read_all`], for one partition of one topic. It reads at least to
+/// `at_least` (see [`read_partition_each`]).
 pub fn read_partition(
     config: &Config,
     topic: &str,
@@ -193,7 +190,40 @@ pub fn read_partition(
     at_least: i64,
     limit: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaStageError> {
-    read_partitions(config, &[topic], Some(partition), at_least, limit)
+    let mut out = Vec::new();
+    let consumer: BaseConsumer = reader_config(config)
+        .create()
+        .map_err(KafkaStageError::kafka("creating a reader"))?;
+    read_each(&consumer, &[topic], Some(partition), at_least, limit, |m| {
+        out.push(ReadRecord::copy_of(m))
+    })?;
+    Ok(out)
+}
+
+/// How the escalation stage restores a partition's state: hands each record
+/// of one partition of `topic` (key, value; `None` for a tombstone) to
+/// `each` as it is read, so a restore never holds the whole partition's
+/// bytes at once. It reads at least to `at_least` (the group's committed
+/// offset), even when the broker reports a lower high watermark: what lies
+/// before the committed offset the group consumer will not read again, so
+/// the restore must.
+pub fn read_partition_each(
+    config: &Config,
+    topic: &str,
+    partition: i32,
+    at_least: i64,
+    limit: Duration,
+    mut each: impl FnMut(Option<&[u8]>, Option<&[u8]>),
+) -> Result<u64, KafkaStageError> {
+    let consumer: BaseConsumer = restore_reader_config(config)
+        .create()
+        .map_err(KafkaStageError::kafka("creating a restore reader"))?;
+    let mut records = 0u64;
+    read_each(&consumer, &[topic], Some(partition), at_least, limit, |m| {
+        records += 1;
+        each(m.key(), m.payload())
+    })?;
+    Ok(records)
 }
 
 fn read_partitions(
@@ -206,7 +236,22 @@ fn read_partitions(
     let consumer: BaseConsumer = reader_config(config)
         .create()
         .map_err(KafkaStageError::kafka("creating a reader"))?;
-    let (mut targets, _) = assign_from_beginning(&consumer, topics, only)?;
+    let mut out = Vec::new();
+    read_each(&consumer, topics, only, at_least, limit, |m| {
+        out.push(ReadRecord::copy_of(m))
+    })?;
+    Ok(out)
+}
+
+fn read_each(
+    consumer: &BaseConsumer,
+    topics: &[&str],
+    only: Option<i32>,
+    at_least: i64,
+    limit: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), KafkaStageError> {
+    let (mut targets, _) = assign_from_beginning(consumer, topics, only)?;
     // The committed offset may lie beyond what the broker calls the end.
     for (_, _, end) in &mut targets {
         *end = (*end).max(at_least);
@@ -217,22 +262,21 @@ fn read_partitions(
     {
         targets.push((topic.to_string(), partition, at_least));
     }
-    let mut out = Vec::new();
     if targets.is_empty() {
-        return Ok(out);
+        return Ok(());
     }
     let deadline = std::time::Instant::now() + limit;
-    while !reached(&consumer, &targets) {
+    while !reached(consumer, &targets) {
         if std::time::Instant::now() >= deadline {
             return Err(KafkaStageError::Other(format!(
                 "reading {topics:?} did not reach the end within {limit:?}"
             )));
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(ReadRecord::copy_of(&m)),
+            Some(Ok(m)) => each(&m),
             Some(Err(e)) => tracing::warn!(error = %e, "reader error"),
             None => {}
         }
     }
-    Ok(out)
+    Ok(())
 }

@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -280,11 +281,13 @@ pub enum TimerKind {
     Purge,
 }
 
-/// One entry of the timer queue; ordered by due time first.
+/// One entry of the timer queue; ordered by due time first. The action id
+/// is the held approval's own shared copy, so an entry costs no allocation
+/// of its own.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timer {
     pub due: DateTime<Utc>,
-    pub action_id: String,
+    pub action_id: Arc<str>,
     /// Index of the lane in the record.
     pub lane: usize,
     pub kind: TimerKind,
@@ -306,28 +309,35 @@ impl Timers {
         if record.status != Status::Open {
             return;
         }
-        for (i, lane) in record.lanes.iter().enumerate() {
-            if lane.verdict.is_some() {
+        let id: Arc<str> = Arc::from(&*record.action_id);
+        self.schedule_clocks(&id, record.lanes.iter().map(LaneClock::of));
+    }
+
+    /// Schedules the SLA and the reminder of every undecided lane of an
+    /// open approval, given each lane's clock in lane order.
+    pub fn schedule_clocks(&mut self, action_id: &Arc<str>, clocks: impl Iterator<Item = LaneClock>) {
+        for (i, clock) in clocks.enumerate() {
+            if clock.decided {
                 continue;
             }
             let timer = |due, kind| Timer {
                 due,
-                action_id: record.action_id.to_string(),
+                action_id: action_id.clone(),
                 lane: i,
                 kind,
             };
-            self.queue.insert(timer(lane.sla_due, TimerKind::Sla));
-            if let Some(at) = lane.remind_at {
+            self.queue.insert(timer(clock.sla_due, TimerKind::Sla));
+            if let Some(at) = clock.remind_at {
                 self.queue.insert(timer(at, TimerKind::Remind));
             }
         }
     }
 
     /// Schedules the tombstone of a closed action's record.
-    pub fn schedule_purge(&mut self, action_id: &str, at: DateTime<Utc>) {
+    pub fn schedule_purge(&mut self, action_id: &Arc<str>, at: DateTime<Utc>) {
         self.queue.insert(Timer {
             due: at,
-            action_id: action_id.to_string(),
+            action_id: action_id.clone(),
             lane: 0,
             kind: TimerKind::Purge,
         });
@@ -365,15 +375,44 @@ impl Timers {
 /// A reminder whose SLA has passed too is stale: the escalation says more
 /// than it would. (Purges are checked against the closed actions held.)
 pub fn is_current(record: &OwnedPendingRecord, timer: &Timer, now: DateTime<Utc>) -> bool {
-    record.status == Status::Open
-        && record.lanes.get(timer.lane).is_some_and(|l| {
-            l.verdict.is_none()
-                && match timer.kind {
-                    TimerKind::Sla => l.sla_due == timer.due,
-                    TimerKind::Remind => l.remind_at == Some(timer.due) && l.sla_due > now,
-                    TimerKind::Purge => false,
-                }
-        })
+    clock_is_current(
+        record.status == Status::Open,
+        record.lanes.get(timer.lane).map(LaneClock::of),
+        timer,
+        now,
+    )
+}
+
+/// What the timers of one lane depend on: enough to tell a current timer
+/// from a stale one without the rest of the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneClock {
+    pub sla_due: DateTime<Utc>,
+    pub remind_at: Option<DateTime<Utc>>,
+    pub decided: bool,
+}
+
+impl LaneClock {
+    pub fn of(lane: &LaneState<'_>) -> LaneClock {
+        LaneClock {
+            sla_due: lane.sla_due,
+            remind_at: lane.remind_at,
+            decided: lane.verdict.is_some(),
+        }
+    }
+}
+
+/// [`is_current`] for an approval that is `open` or not, whose timer's lane
+/// has `clock` (`None`: no such lane).
+pub fn clock_is_current(open: bool, clock: Option<LaneClock>, timer: &Timer, now: DateTime<Utc>) -> bool {
+    open && clock.is_some_and(|l| {
+        !l.decided
+            && match timer.kind {
+                TimerKind::Sla => l.sla_due == timer.due,
+                TimerKind::Remind => l.remind_at == Some(timer.due) && l.sla_due > now,
+                TimerKind::Purge => false,
+            }
+    })
 }
 
 /// When a closed action's record is tombstoned.

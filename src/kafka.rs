@@ -91,6 +91,23 @@ pub fn reader_config(config: &Config) -> ClientConfig {
     c
 }
 
+/// The reader that restores one changelog partition: a whole partition is
+/// read as fast as the broker gives it, so each fetch may carry more of it
+/// than a tailing consumer needs (librdkafka's default is 1 MiB per
+/// partition per fetch), while the pre-fetched queue, which is resident
+/// memory on top of the restored state, stays well under the default 64 MiB.
+/// Pass-through properties still come last.
+pub fn restore_reader_config(config: &Config) -> ClientConfig {
+    let mut c = reader_config(config);
+    c.set("max.partition.fetch.bytes", "8388608");
+    c.set("fetch.max.bytes", "16777216");
+    c.set("queued.max.messages.kbytes", "16384");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
 /// The escalation stage's group consumer. Co-partitioning: partition p of
 /// pending and of decisions go to the same instance only with the range
 /// assignor, so that one setting is not the operator's to change.
@@ -276,6 +293,7 @@ mod tests {
                 escalation_consumer_config(config, "switchboard.escalate"),
             ),
             ("changelog, directory and inbox readers", reader_config(config)),
+            ("pending restore reader", restore_reader_config(config)),
             (
                 "transactional producer",
                 producer_config(config, Some("switchboard-route-1")),

@@ -53,6 +53,7 @@ pub mod dlq;
 pub mod enrich;
 pub mod escalation;
 pub mod explain;
+pub mod held;
 pub mod http;
 pub mod inbox;
 pub mod kafka;

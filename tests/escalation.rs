@@ -227,7 +227,7 @@ fn timers_pop_in_due_order_and_only_when_due() {
     assert_eq!(timers.next_due(), Some(t(3)));
     assert!(timers.pop_due(t(2)).is_none());
     let order: Vec<(DateTime<Utc>, String, usize)> = std::iter::from_fn(|| timers.pop_due(t(10)))
-        .map(|timer| (timer.due, timer.action_id, timer.lane))
+        .map(|timer| (timer.due, timer.action_id.to_string(), timer.lane))
         .collect();
     assert_eq!(
         order,

@@ -14,9 +14,10 @@
 //! is durable, so an aborted batch is simply done again, and a timer fires
 //! exactly once however the process stops.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -25,13 +26,14 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
 use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
-use crate::changelog::read_partition;
+use crate::changelog::read_partition_each;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::decode::SchemaSource;
 use crate::dlq::{self, Failed};
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
+use crate::held::{Head, Held, Store};
 use crate::http::Health;
 use crate::kafka::{KafkaStageError, escalation_consumer_config};
 use crate::metrics::Metrics;
@@ -60,26 +62,29 @@ pub struct EscalateSummary {
 /// The approvals this instance holds.
 #[derive(Default)]
 struct State {
-    /// action_id → (pending partition, record).
-    records: HashMap<String, (i32, OwnedPendingRecord)>,
+    /// Dictionaries and lane names every held approval shares.
+    store: Arc<Store>,
+    /// action_id → the approval, held compactly ([`Held`]). The key is the
+    /// one copy of the id, shared by the approval's timers.
+    records: HashMap<Arc<str>, Held>,
     timers: Timers,
     /// Pending partitions restored and held.
     partitions: BTreeSet<i32>,
     /// Allowed actions restored without their outcome yet.
-    to_allow: Vec<String>,
+    to_allow: Vec<Arc<str>>,
     /// Approvals closed here whose closing record has not been read back
     /// yet: action_id → (partition, closing revision). Until it is, older
     /// records of ours still on their way back must not bring the approval
     /// back to life.
-    closing: HashMap<String, (i32, u64)>,
+    closing: HashMap<Arc<str>, (i32, u64)>,
     /// Closed actions whose record is still in the changelog: action_id →
     /// (partition, closing revision, when it is tombstoned). Older records
     /// of theirs read again (the group consumer replays from its committed
     /// offset after a restore) are ignored.
-    closed: HashMap<String, (i32, u64, DateTime<Utc>)>,
+    closed: HashMap<Arc<str>, (i32, u64, DateTime<Utc>)>,
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
-    open: HashMap<String, i64>,
+    open: HashMap<Arc<str>, i64>,
 }
 
 impl State {
@@ -90,40 +95,102 @@ impl State {
             if self.purge_is_due(timer) {
                 self.timers.schedule_purge(&timer.action_id, timer.due);
             }
-        } else if let Some((_, record)) = self.records.get(&timer.action_id)
-            && escalation::is_current(record, timer, now)
+        } else if let Some((id, held)) = self.records.get_key_value(&*timer.action_id)
+            && held.is_current(timer, now)
         {
-            self.timers.schedule(record);
+            self.timers
+                .schedule_clocks(id, held.lanes.iter().map(|l| l.clock));
         }
     }
 
     /// Whether a purge timer still names a closed action held here.
     fn purge_is_due(&self, timer: &Timer) -> bool {
-        !self.records.contains_key(&timer.action_id)
+        !self.records.contains_key(&*timer.action_id)
             && self
                 .closed
-                .get(&timer.action_id)
+                .get(&*timer.action_id)
                 .is_some_and(|(_, _, at)| *at == timer.due)
     }
 
-    /// Adds (`sign` = 1) or removes (-1) a record's undecided lanes from the
-    /// per-lane counts.
-    fn count(&mut self, record: &OwnedPendingRecord, sign: i64) {
-        if record.status != Status::Open {
-            return;
-        }
-        for lane in record.lanes.iter().filter(|l| l.verdict.is_none()) {
-            *self.open.entry(lane.lane.to_string()).or_default() += sign;
+    /// Adds (`sign` = 1) or removes (-1) undecided lanes of an open
+    /// approval from the per-lane counts.
+    fn count<'a>(&mut self, undecided: impl Iterator<Item = &'a str>, sign: i64) {
+        for lane in undecided {
+            match self.open.get_mut(lane) {
+                Some(n) => *n += sign,
+                None => {
+                    self.open.insert(self.store.intern(lane), sign);
+                }
+            }
         }
     }
+
+    /// The shared copy of an id held here, or a new one.
+    fn key(&self, id: &str) -> Arc<str> {
+        self.records
+            .get_key_value(id)
+            .map(|(k, _)| k.clone())
+            .or_else(|| self.closed.get_key_value(id).map(|(k, _)| k.clone()))
+            .unwrap_or_else(|| Arc::from(id))
+    }
+}
+
+/// The undecided lanes of a parsed record, when it is open.
+fn undecided(record: &OwnedPendingRecord) -> impl Iterator<Item = &str> {
+    let open = record.status == Status::Open;
+    record
+        .lanes
+        .iter()
+        .filter(move |l| open && l.verdict.is_none())
+        .map(|l| &*l.lane)
+}
+
+/// What one partition's changelog restored, before it joins the state.
+#[derive(Default)]
+struct Restored {
+    records: HashMap<Arc<str>, Held>,
+    /// Closed actions: action_id → (closing revision, when to tombstone).
+    closed: HashMap<Arc<str>, (u64, DateTime<Utc>)>,
+    read: u64,
+}
+
+/// Bursts of at least this many actions falling due at once are fired on
+/// every core; below it a thread costs more than it saves.
+const PARALLEL_BURST: usize = 512;
+
+/// One action's due timers, in due order.
+type Job<'t> = Vec<&'t Timer>;
+
+/// A worker's share of the jobs and what it made of them (`None`: it panicked).
+type Worked<'j, 't> = (&'j [Job<'t>], Option<Vec<Vec<Prepared>>>);
+
+/// A change worked out and serialized, ready to join the batch.
+struct Prepared {
+    partition: i32,
+    outputs: Vec<Output>,
+    escalation: Option<(String, String)>,
+    /// The lane whose SLA passed (an escalation or an expiry).
+    breach: Option<String>,
+    reminded: Option<String>,
+    /// Whether an outcome is among the outputs.
+    outcome: bool,
+    staged: Staged,
+}
+
+/// A record changed by the batch: the new state and its changelog JSON
+/// (what memory will hold once the batch is durable).
+struct Staged {
+    partition: i32,
+    record: OwnedPendingRecord,
+    bytes: Vec<u8>,
 }
 
 /// What one batch will change once durable.
 #[derive(Default)]
 struct Work {
     outputs: Vec<Output>,
-    /// action_id → (partition, new record) in the order decided.
-    staged: HashMap<String, (i32, OwnedPendingRecord)>,
+    /// action_id → the new record.
+    staged: HashMap<String, Staged>,
     /// Timer entries taken from the queue, put back if the batch fails.
     popped: Vec<Timer>,
     decisions: Vec<(String, String, f64)>,
@@ -135,7 +202,7 @@ struct Work {
     /// Lanes reminded.
     reminders: Vec<String>,
     /// Closed actions whose record this batch tombstones.
-    purged: Vec<String>,
+    purged: Vec<Arc<str>>,
     /// Closed approvals whose closing record was read back.
     read_back: Vec<String>,
     outcomes: u64,
@@ -189,12 +256,22 @@ impl EscalateStage {
                 }
             }
             self.allow_restored(&mut state, &mut work, now);
+            let firing = std::time::Instant::now();
             self.fire_due(&mut state, &mut work, now);
             if batch.is_empty() && work.outputs.is_empty() && work.staged.is_empty() {
                 continue;
             }
+            let writing = std::time::Instant::now();
             match sink.write(&work.outputs, &next_offsets(&batch), &consumer, &stop) {
                 Ok(()) => {
+                    tracing::debug!(
+                        records = batch.len(),
+                        timers = work.popped.len(),
+                        outputs = work.outputs.len(),
+                        fire = ?writing.duration_since(firing),
+                        write = ?writing.elapsed(),
+                        "escalation batch durable"
+                    );
                     consumer.context().brokers_back();
                     super::batch::count_consumed(&self.metrics, &batch);
                     summary.handled += batch.len() as u64;
@@ -254,107 +331,199 @@ impl EscalateStage {
         }
         let revoked: Vec<i32> = state.partitions.difference(&held).copied().collect();
         if !revoked.is_empty() {
-            let dropped: Vec<OwnedPendingRecord> = state
+            let dropped: Vec<Arc<str>> = state
                 .records
                 .iter()
-                .filter(|(_, (p, _))| revoked.contains(p))
-                .map(|(_, (_, r))| r.clone())
+                .filter(|(_, h)| revoked.contains(&h.partition))
+                .map(|(id, _)| id.clone())
                 .collect();
-            for record in &dropped {
-                state.count(record, -1);
+            for id in &dropped {
+                if let Some(held) = state.records.remove(id) {
+                    state.count(held.undecided().map(|l| &**l), -1);
+                }
             }
-            state.records.retain(|_, (p, _)| !revoked.contains(p));
             state.closing.retain(|_, (p, _)| !revoked.contains(p));
             state.closed.retain(|_, (p, _, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
-            for (_, record) in state.records.values() {
-                state.timers.schedule(record);
+            for (id, held) in &state.records {
+                state
+                    .timers
+                    .schedule_clocks(id, held.lanes.iter().map(|l| l.clock));
             }
             for (id, (_, _, at)) in &state.closed {
                 state.timers.schedule_purge(id, *at);
             }
             tracing::info!(?revoked, "pending partitions revoked; their approvals dropped");
         }
-        for partition in held.difference(&state.partitions.clone()).copied() {
+        let assigned: Vec<(i32, i64)> = held
+            .difference(&state.partitions)
+            .map(|&p| (p, committed_offset(consumer, pending, p)))
+            .collect();
+        if !assigned.is_empty() {
             self.health.set_ready(false, "restoring pending approvals");
             let started = std::time::Instant::now();
-            let committed = committed_offset(consumer, pending, partition);
-            let records = read_partition(
-                &self.config,
-                pending,
-                partition,
-                committed,
-                Duration::from_secs(300),
-            )?;
-            let mut restored = 0usize;
-            for r in records {
-                let Some(key) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    continue;
-                };
-                match r
-                    .payload
-                    .as_deref()
-                    .map(serde_json::from_slice::<OwnedPendingRecord>)
-                {
-                    None => {
-                        state.records.remove(key);
-                    }
-                    Some(Ok(record)) => {
-                        let newer = state
-                            .records
-                            .get(key)
-                            .is_none_or(|(_, old)| record.revision > old.revision);
-                        if newer {
-                            state.records.insert(key.to_string(), (partition, record));
-                        }
-                    }
-                    Some(Err(e)) => tracing::warn!(key, error = %e, "unreadable pending record skipped"),
-                }
-            }
-            let retention = self.config.closed_retention;
-            let closed = &mut state.closed;
-            let timers = &mut state.timers;
-            state.records.retain(|id, (p, r)| {
-                if r.status != Status::Closed {
-                    return true;
-                }
-                let at = escalation::purge_at(r.closed_at.unwrap_or(r.routed_at), retention);
-                closed.insert(id.clone(), (*p, r.revision, at));
-                timers.schedule_purge(id, at);
-                false
-            });
-            let mine: Vec<(String, OwnedPendingRecord)> = state
-                .records
-                .iter()
-                .filter(|(_, (p, _))| *p == partition)
-                .map(|(id, (_, r))| (id.clone(), r.clone()))
-                .collect();
-            for (id, record) in mine {
-                restored += 1;
-                state.count(&record, 1);
-                match record.status {
-                    Status::Open => state.timers.schedule(&record),
-                    Status::Allowed => state.to_allow.push(id),
-                    Status::Closed => {}
-                }
+            for (partition, restored) in self.restore_all(&state.store, &assigned) {
+                let restored = restored?;
+                let count = restored.records.len();
+                self.join(state, partition, restored);
+                tracing::info!(partition, restored = count, elapsed = ?started.elapsed(), "pending partition restored");
             }
             self.publish_counts(state);
-            tracing::info!(partition, restored, elapsed = ?started.elapsed(), "pending partition restored");
         }
         state.partitions = held;
         self.health.set_ready(true, "");
         Ok(())
     }
 
-    /// The record as this batch sees it: staged changes first.
+    /// Restores `assigned` (partition, committed offset) in parallel, a
+    /// few partitions at a time: reading and compressing a changelog
+    /// partition keeps a core busy, and partitions are independent.
+    fn restore_all(
+        &self,
+        store: &Arc<Store>,
+        assigned: &[(i32, i64)],
+    ) -> Vec<(i32, Result<Restored, KafkaStageError>)> {
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, assigned.len().max(1));
+        let next = AtomicUsize::new(0);
+        let mut out: Vec<(i32, Result<Restored, KafkaStageError>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        while let Some(&(partition, committed)) =
+                            assigned.get(next.fetch_add(1, Ordering::Relaxed))
+                        {
+                            done.push((partition, self.restore(store, partition, committed)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![(
+                            -1,
+                            Err(KafkaStageError::Other("a restore thread panicked".into())),
+                        )]
+                    })
+                })
+                .collect()
+        });
+        out.sort_by_key(|(p, _)| *p);
+        out
+    }
+
+    /// Reads one partition of the changelog and keeps the newest revision
+    /// of each action: open and allowed ones held, closed ones remembered.
+    fn restore(&self, store: &Store, partition: i32, committed: i64) -> Result<Restored, KafkaStageError> {
+        let retention = self.config.closed_retention;
+        let mut out = Restored::default();
+        let records = &mut out.records;
+        let closed = &mut out.closed;
+        out.read = read_partition_each(
+            &self.config,
+            &self.config.topics.pending,
+            partition,
+            committed,
+            Duration::from_secs(300),
+            |key, payload| {
+                let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+                    return;
+                };
+                let Some(bytes) = payload else {
+                    records.remove(key);
+                    closed.remove(key);
+                    return;
+                };
+                let head = match Head::parse(bytes) {
+                    Ok(head) => head,
+                    Err(e) => return tracing::warn!(key, error = %e, "unreadable pending record skipped"),
+                };
+                let newest = records
+                    .get(key)
+                    .map(|h| h.revision)
+                    .or_else(|| closed.get(key).map(|(r, _)| *r));
+                if newest.is_some_and(|r| head.revision <= r) {
+                    return;
+                }
+                if head.status == Status::Closed {
+                    let at = escalation::purge_at(head.closed_at.unwrap_or(head.routed_at), retention);
+                    let id = records
+                        .remove_entry(key)
+                        .map_or_else(|| Arc::from(key), |(k, _)| k);
+                    closed.insert(id, (head.revision, at));
+                    return;
+                }
+                match Held::from_head(store, partition, &head, bytes) {
+                    Ok(held) => {
+                        let id = closed.remove_entry(key).map(|(k, _)| k);
+                        match records.get_mut(key) {
+                            Some(slot) => *slot = held,
+                            None => {
+                                records.insert(id.unwrap_or_else(|| Arc::from(key)), held);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(key, error = %e, "pending record not held"),
+                }
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Adds a restored partition to the state: counts, timers, allowed
+    /// actions still to close.
+    fn join(&self, state: &mut State, partition: i32, restored: Restored) {
+        state.records.reserve(restored.records.len());
+        for (id, held) in restored.records {
+            state.count(held.undecided().map(|l| &**l), 1);
+            match held.status {
+                Status::Open => state
+                    .timers
+                    .schedule_clocks(&id, held.lanes.iter().map(|l| l.clock)),
+                Status::Allowed => state.to_allow.push(id.clone()),
+                Status::Closed => {}
+            }
+            state.records.insert(id, held);
+        }
+        for (id, (revision, at)) in restored.closed {
+            state.timers.schedule_purge(&id, at);
+            state.closed.insert(id, (partition, revision, at));
+        }
+    }
+
+    /// The newest revision of an action as this batch sees it.
+    fn revision(&self, state: &State, work: &Work, id: &str) -> Option<u64> {
+        match work.staged.get(id) {
+            Some(staged) => Some(staged.record.revision),
+            None => state.records.get(id).map(|h| h.revision),
+        }
+    }
+
+    /// The record as this batch sees it (staged changes first), parsed;
+    /// `None` when none is held, or it no longer parses (logged).
     fn current<'s>(
         &self,
         state: &'s State,
         work: &'s Work,
         id: &str,
-    ) -> Option<&'s (i32, OwnedPendingRecord)> {
-        work.staged.get(id).or_else(|| state.records.get(id))
+    ) -> Option<(i32, Cow<'s, OwnedPendingRecord>)> {
+        if let Some(staged) = work.staged.get(id) {
+            return Some((staged.partition, Cow::Borrowed(&staged.record)));
+        }
+        let held = state.records.get(id)?;
+        match held.record(&state.store) {
+            Ok(record) => Some((held.partition, Cow::Owned(record))),
+            Err(e) => {
+                tracing::error!(action_id = id, error = %e, "held approval unreadable; left alone");
+                None
+            }
+        }
     }
 
     fn on_pending(&self, input: &InputRecord, state: &State, work: &mut Work, now: DateTime<Utc>) {
@@ -364,8 +533,11 @@ impl EscalateStage {
         let Some(payload) = input.payload.as_deref() else {
             return;
         };
-        let record: OwnedPendingRecord = match serde_json::from_slice(payload) {
-            Ok(r) => r,
+        // The head first: most records read here are our own writes coming
+        // back, or (after a restore) records the restore has already read,
+        // and those need no full parse.
+        let revision = match Head::parse(payload) {
+            Ok(head) => head.revision,
             Err(e) => {
                 tracing::warn!(key = id, error = %e, "unreadable pending record skipped");
                 return;
@@ -374,30 +546,42 @@ impl EscalateStage {
         if state
             .closing
             .get(id)
-            .is_some_and(|(_, closed)| *closed == record.revision)
+            .is_some_and(|(_, closed)| *closed == revision)
         {
             // Our closing record is back: nothing older of ours can follow it.
             work.read_back.push(id.to_string());
             return;
         }
-        if self
-            .current(state, work, id)
-            .is_some_and(|(_, old)| old.revision >= record.revision)
+        if self.revision(state, work, id).is_some_and(|old| old >= revision)
             || state
                 .closing
                 .get(id)
-                .is_some_and(|(_, closed)| *closed >= record.revision)
+                .is_some_and(|(_, closed)| *closed >= revision)
             || state
                 .closed
                 .get(id)
-                .is_some_and(|(_, closed, _)| *closed >= record.revision)
+                .is_some_and(|(_, closed, _)| *closed >= revision)
         {
             // Our own changelog write coming back, or an older state.
             return;
         }
+        let record: OwnedPendingRecord = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key = id, error = %e, "unreadable pending record skipped");
+                return;
+            }
+        };
         match record.status {
             Status::Open | Status::Closed => {
-                work.staged.insert(id.to_string(), (input.partition, record));
+                work.staged.insert(
+                    id.to_string(),
+                    Staged {
+                        partition: input.partition,
+                        record,
+                        bytes: payload.to_vec(),
+                    },
+                );
             }
             Status::Allowed => {
                 let effects = escalation::allow(&record, now);
@@ -405,7 +589,6 @@ impl EscalateStage {
             }
         }
     }
-
     fn on_decision(&self, input: &InputRecord, state: &State, work: &mut Work, now: DateTime<Utc>) {
         let refuse = |work: &mut Work, refusal: Refusal, detail: String| {
             tracing::info!(reason = refusal.reason(), %detail, "decision refused");
@@ -448,8 +631,8 @@ impl EscalateStage {
                 format!("no approval is pending for {}", decision.action_id),
             );
         };
-        let partition = *partition;
-        match escalation::decide(record, &decision, now) {
+        let record = record.into_owned();
+        match escalation::decide(&record, &decision, now) {
             Ok(effects) => {
                 let latency =
                     (decision.decided_at - record.routed_at).num_milliseconds().max(0) as f64 / 1000.0;
@@ -476,57 +659,146 @@ impl EscalateStage {
 
     fn allow_restored(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
         for id in std::mem::take(&mut state.to_allow) {
-            if let Some((partition, record)) = self.current(state, work, &id).cloned()
-                && record.status == Status::Allowed
-            {
-                self.stage(work, partition, escalation::allow(&record, now));
-            }
-        }
-    }
-
-    /// Fires every reminder and SLA due by `now`, in due order.
-    fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
-        let matrix = self.matrix.current();
-        while let Some(timer) = state.timers.pop_due(now) {
-            let effects = match timer.kind {
-                TimerKind::Purge => {
-                    if state.purge_is_due(&timer) {
-                        work.outputs.push(Output {
-                            topic: self.config.topics.pending.clone(),
-                            key: Some(timer.action_id.as_bytes().to_vec()),
-                            payload: None,
-                            headers: Vec::new(),
-                        });
-                        work.purged.push(timer.action_id.clone());
-                    }
-                    None
+            let effects = match self.current(state, work, &id) {
+                Some((partition, record)) if record.status == Status::Allowed => {
+                    Some((partition, escalation::allow(&record, now)))
                 }
-                kind => match self.current(state, work, &timer.action_id) {
-                    Some((partition, record)) if escalation::is_current(record, &timer, now) => {
-                        let effects = if kind == TimerKind::Remind {
-                            escalation::remind(record, timer.lane, now)
-                        } else {
-                            escalation::fire(record, timer.lane, &matrix, now)
-                        };
-                        Some((*partition, effects))
-                    }
-                    _ => None,
-                },
+                _ => None,
             };
-            work.popped.push(timer);
             if let Some((partition, effects)) = effects {
                 self.stage(work, partition, effects);
             }
         }
     }
 
+    /// Fires every reminder and SLA due by `now`. A large burst (thousands
+    /// of SLAs falling due together) is worked out on every core: each
+    /// action's timers in due order on one thread, actions in parallel, so
+    /// the outcome is the same as one thread firing them in due order.
+    fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
+        let matrix = self.matrix.current();
+        let mut due: Vec<Timer> = Vec::new();
+        while let Some(timer) = state.timers.pop_due(now) {
+            if timer.kind == TimerKind::Purge {
+                if state.purge_is_due(&timer) {
+                    work.outputs.push(Output {
+                        topic: self.config.topics.pending.clone(),
+                        key: Some(timer.action_id.as_bytes().to_vec()),
+                        payload: None,
+                        headers: Vec::new(),
+                    });
+                    work.purged.push(timer.action_id.clone());
+                }
+                work.popped.push(timer);
+            } else {
+                due.push(timer);
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        // Each action's timers, in due order, as one job.
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut job_of: HashMap<&str, usize> = HashMap::new();
+        for timer in &due {
+            let next = jobs.len();
+            let i = *job_of.entry(&timer.action_id).or_insert(next);
+            if i == next {
+                jobs.push(Vec::new());
+            }
+            jobs[i].push(timer);
+        }
+        let fire = |job: &[&Timer]| -> Vec<Prepared> {
+            let mut out: Vec<Prepared> = Vec::new();
+            for timer in job {
+                let mine = out.last().map(|p| (p.partition, Cow::Borrowed(&p.staged.record)));
+                let current = match mine {
+                    Some(current) => Some(current),
+                    None => self.current(state, work, &timer.action_id),
+                };
+                let Some((partition, record)) = current else {
+                    continue;
+                };
+                if !escalation::is_current(&record, timer, now) {
+                    continue;
+                }
+                let effects = if timer.kind == TimerKind::Remind {
+                    escalation::remind(&record, timer.lane, now)
+                } else {
+                    escalation::fire(&record, timer.lane, &matrix, now)
+                };
+                if let Some(prepared) = self.prepare(partition, effects) {
+                    out.push(prepared);
+                }
+            }
+            out
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut lost: Vec<Timer> = Vec::new();
+        let prepared: Vec<Vec<Prepared>> = if jobs.len() < PARALLEL_BURST || workers < 2 {
+            jobs.iter().map(|job| fire(job)).collect()
+        } else {
+            let chunk = jobs.len().div_ceil(workers);
+            let results: Vec<Worked> = std::thread::scope(|scope| {
+                let handles: Vec<_> = jobs
+                    .chunks(chunk)
+                    .map(|chunk| {
+                        (
+                            chunk,
+                            scope.spawn(|| chunk.iter().map(|job| fire(job)).collect::<Vec<_>>()),
+                        )
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(chunk, h)| (chunk, h.join().ok()))
+                    .collect()
+            });
+            let mut prepared = Vec::new();
+            for (chunk, result) in results {
+                match result {
+                    Some(done) => prepared.extend(done),
+                    None => {
+                        // A worker runs only the pure state machine and
+                        // serde_json; should it panic all the same, its
+                        // timers go back in the queue rather than being lost.
+                        tracing::error!(
+                            timers = chunk.len(),
+                            "a timer worker panicked; its timers are put back"
+                        );
+                        lost.extend(chunk.iter().flatten().map(|t| (*t).clone()));
+                    }
+                }
+            }
+            prepared
+        };
+        for prepared in prepared.into_iter().flatten() {
+            self.apply(work, prepared);
+        }
+        drop(job_of);
+        drop(jobs);
+        for timer in &lost {
+            state.reschedule(timer, now);
+        }
+        work.popped.extend(due);
+    }
+
     /// Turns effects into outputs and a staged record.
     fn stage(&self, work: &mut Work, partition: i32, effects: Effects) {
+        if let Some(prepared) = self.prepare(partition, effects) {
+            self.apply(work, prepared);
+        }
+    }
+
+    /// Serializes what a change writes (the pure, costly half of staging,
+    /// safe to run on any thread).
+    fn prepare(&self, partition: i32, effects: Effects) -> Option<Prepared> {
         let topics = &self.config.topics;
         let key = effects.record.action_id.as_bytes().to_vec();
+        let mut outputs = Vec::with_capacity(effects.packets.len() + 2);
         for (topic, packet) in &effects.packets {
             if let Ok(bytes) = serde_json::to_vec(packet) {
-                work.outputs.push(Output {
+                outputs.push(Output {
                     topic: topic.clone(),
                     key: Some(key.clone()),
                     payload: Some(bytes),
@@ -534,39 +806,74 @@ impl EscalateStage {
                 });
             }
         }
-        if let Some((from, to)) = &effects.escalation {
-            work.escalations.push((from.clone(), to.clone()));
-            if let Some(lane) = effects.packets.first().and_then(|(_, p)| p.lane.as_deref()) {
-                work.breaches.push(lane.to_string());
-            }
-        }
-        if let Some(lane) = &effects.reminded {
-            work.reminders.push(lane.clone());
-        }
-        if let Some(outcome) = &effects.outcome {
-            if let Some(lane) = &outcome.expired_lane {
-                work.breaches.push(lane.to_string());
-            }
-            if let Ok(bytes) = serde_json::to_vec(outcome) {
-                work.outputs.push(Output {
-                    topic: topics.outcomes.clone(),
-                    key: Some(key.clone()),
-                    payload: Some(bytes),
-                    headers: Vec::new(),
-                });
-                work.outcomes += 1;
-            }
-        }
-        if let Ok(bytes) = serde_json::to_vec(&effects.record) {
-            work.outputs.push(Output {
-                topic: topics.pending.clone(),
-                key: Some(key),
+        let breach = match (&effects.escalation, &effects.outcome) {
+            (Some(_), _) => effects
+                .packets
+                .first()
+                .and_then(|(_, p)| p.lane.as_deref())
+                .map(str::to_string),
+            (None, Some(outcome)) => outcome.expired_lane.as_deref().map(str::to_string),
+            (None, None) => None,
+        };
+        let mut outcome = false;
+        if let Some(o) = &effects.outcome
+            && let Ok(bytes) = serde_json::to_vec(o)
+        {
+            outputs.push(Output {
+                topic: topics.outcomes.clone(),
+                key: Some(key.clone()),
                 payload: Some(bytes),
                 headers: Vec::new(),
             });
+            outcome = true;
+        }
+        let bytes = match serde_json::to_vec(&effects.record) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // Our own struct always serializes; were it ever not to,
+                // memory must not move ahead of the changelog.
+                tracing::error!(action_id = %effects.record.action_id, error = %e, "pending record not serializable; not staged");
+                return None;
+            }
+        };
+        outputs.push(Output {
+            topic: topics.pending.clone(),
+            key: Some(key),
+            payload: Some(bytes.clone()),
+            headers: Vec::new(),
+        });
+        Some(Prepared {
+            partition,
+            outputs,
+            escalation: effects.escalation,
+            breach,
+            reminded: effects.reminded,
+            outcome,
+            staged: Staged {
+                partition,
+                record: effects.record,
+                bytes,
+            },
+        })
+    }
+
+    /// Adds a prepared change to the batch.
+    fn apply(&self, work: &mut Work, prepared: Prepared) {
+        work.outputs.extend(prepared.outputs);
+        if let Some(escalation) = prepared.escalation {
+            work.escalations.push(escalation);
+        }
+        if let Some(lane) = prepared.breach {
+            work.breaches.push(lane);
+        }
+        if let Some(lane) = prepared.reminded {
+            work.reminders.push(lane);
+        }
+        if prepared.outcome {
+            work.outcomes += 1;
         }
         work.staged
-            .insert(effects.record.action_id.to_string(), (partition, effects.record));
+            .insert(prepared.staged.record.action_id.to_string(), prepared.staged);
     }
 
     /// Applies a durable batch to memory and metrics.
@@ -596,7 +903,7 @@ impl EscalateStage {
             m.reminders_total.with_label_values(&[lane.as_str()]).inc();
         }
         for id in &work.read_back {
-            state.closing.remove(id);
+            state.closing.remove(id.as_str());
         }
         for id in &work.purged {
             state.closed.remove(id);
@@ -604,26 +911,42 @@ impl EscalateStage {
         if !work.purged.is_empty() {
             tracing::debug!(purged = work.purged.len(), "closed actions tombstoned");
         }
-        for (id, (partition, record)) in work.staged {
+        for (id, staged) in work.staged {
+            let Staged {
+                partition,
+                record,
+                bytes,
+            } = staged;
             if !state.partitions.contains(&partition) {
                 continue;
             }
-            if let Some((_, old)) = state.records.get(&id).cloned() {
-                state.count(&old, -1);
+            let key = state.key(&id);
+            if let Some(old) = state.records.remove(&*key) {
+                state.count(old.undecided().map(|l| &**l), -1);
             }
-            state.count(&record, 1);
+            state.count(undecided(&record), 1);
             if record.status == Status::Closed {
-                state.records.remove(&id);
                 let at = escalation::purge_at(
                     record.closed_at.unwrap_or(record.routed_at),
                     self.config.closed_retention,
                 );
-                state.timers.schedule_purge(&id, at);
-                state.closed.insert(id.clone(), (partition, record.revision, at));
-                state.closing.insert(id, (partition, record.revision));
+                state.timers.schedule_purge(&key, at);
+                state.closed.insert(key.clone(), (partition, record.revision, at));
+                state.closing.insert(key, (partition, record.revision));
             } else {
-                state.timers.schedule(&record);
-                state.records.insert(id, (partition, record));
+                match Held::from_record(&state.store, partition, &record, &bytes) {
+                    Ok(held) => {
+                        state
+                            .timers
+                            .schedule_clocks(&key, held.lanes.iter().map(|l| l.clock));
+                        state.records.insert(key, held);
+                    }
+                    Err(e) => {
+                        // Not held, so not counted either.
+                        state.count(undecided(&record), -1);
+                        tracing::error!(action_id = %id, error = %e, "approval could not be held; dropped from memory");
+                    }
+                }
             }
         }
         self.publish_counts(state);
@@ -635,7 +958,7 @@ impl EscalateStage {
         for (lane, n) in &state.open {
             self.metrics
                 .pending_approvals
-                .with_label_values(&[lane.as_str()])
+                .with_label_values(&[&**lane])
                 .set(*n);
         }
     }

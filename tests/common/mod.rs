@@ -798,6 +798,11 @@ impl Proc {
         self.child.as_ref().expect("running").id()
     }
 
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Sends `signal` (TERM, KILL, HUP…) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")

@@ -13,9 +13,6 @@ use crate::metrics::Metrics;
 
 pub use crate::kafka::InputRecord;
 
-/// Polls up to `limit` records: waits up to `first` for the first, then up to
-/// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
-/// fills batches.
 /// `events_consumed_total{topic}` for a batch once it is durable.
 pub fn count_consumed(metrics: &Metrics, batch: &[InputRecord]) {
     let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
@@ -30,6 +27,9 @@ pub fn count_consumed(metrics: &Metrics, batch: &[InputRecord]) {
     }
 }
 
+/// Polls up to `limit` records: waits up to `first` for the first, then up to
+/// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
+/// fills batches.
 pub fn poll_batch(
     consumer: &BaseConsumer<StageContext>,
     limit: usize,
@@ -37,30 +37,7 @@ pub fn poll_batch(
     wait: Duration,
     metrics: &Metrics,
 ) -> Vec<InputRecord> {
-    let mut batch = Vec::new();
-    let deadline = Instant::now() + wait;
-    while batch.len() < limit {
-        let timeout = if batch.is_empty() {
-            first
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        match consumer.poll(timeout) {
-            Some(Ok(m)) => batch.push(InputRecord::copy_of(&m)),
-            Some(Err(e)) => {
-                metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
-                consumer.context().note_error(&e);
-                tracing::warn!(error = %e, "consumer error");
-                break;
-            }
-            None => {
-                if batch.is_empty() || Instant::now() >= deadline {
-                    break;
-                }
-            }
-        }
-    }
-    batch
+    poll(consumer, limit, first, wait, metrics, false)
 }
 
 /// [`poll_batch`], less the records polled before a revocation during the
@@ -74,6 +51,17 @@ pub fn poll_owned_batch(
     wait: Duration,
     metrics: &Metrics,
 ) -> Vec<InputRecord> {
+    poll(consumer, limit, first, wait, metrics, true)
+}
+
+fn poll(
+    consumer: &BaseConsumer<StageContext>,
+    limit: usize,
+    first: Duration,
+    wait: Duration,
+    metrics: &Metrics,
+    owned_only: bool,
+) -> Vec<InputRecord> {
     let mut batch = Vec::new();
     let deadline = Instant::now() + wait;
     let mut revocations = consumer.context().revocations();
@@ -84,15 +72,17 @@ pub fn poll_owned_batch(
             deadline.saturating_duration_since(Instant::now())
         };
         let polled = consumer.poll(timeout);
-        let now = consumer.context().revocations();
-        if now != revocations {
-            revocations = now;
-            if !batch.is_empty() {
-                tracing::info!(
-                    records = batch.len(),
-                    "dropping records polled before a revocation"
-                );
-                batch.clear();
+        if owned_only {
+            let now = consumer.context().revocations();
+            if now != revocations {
+                revocations = now;
+                if !batch.is_empty() {
+                    tracing::info!(
+                        records = batch.len(),
+                        "dropping records polled before a revocation"
+                    );
+                    batch.clear();
+                }
             }
         }
         match polled {

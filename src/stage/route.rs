@@ -614,8 +614,11 @@ impl RouteStage {
 
 /// How many batches the at-least-once pipeline keeps in flight: enough to
 /// route one while the writes of those before it travel, few enough to
-/// bound memory (each holds its outputs until acknowledged).
-const MAX_IN_FLIGHT: usize = 4;
+/// bound memory (each holds its outputs until acknowledged: at most 1,000
+/// records of a few KB each). Measured on tansu with actions arriving
+/// steadily at 16,000/s, where batches are small: p50 latency 1.3 s with
+/// 4 in flight, 0.44 s with 16, 0.42 s with 64; bulk throughput alike.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// How long a revocation (or a stop) waits for the batches in flight
 /// before giving up on them: well inside the group's max.poll.interval.ms.

@@ -1152,3 +1152,8 @@ fn print_table(rows: &[Row], args: &Args) {
         );
     }
 }
+
+/// The binary's allocator (see `src/main.rs`): the route stage runs in this
+/// process, so its figure is the shipped one only with the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

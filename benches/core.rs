@@ -4,14 +4,22 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::Utc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use switchboard::clock::SystemClock;
+use switchboard::config::Config;
 use switchboard::decode::Decoder;
 use switchboard::enrich::{Directory, enrich};
+use switchboard::http::Health;
+use switchboard::kafka::InputRecord;
 use switchboard::matrix::Matrix;
+use switchboard::metrics::Metrics;
 use switchboard::packet::{self, PacketInput};
+use switchboard::reload::MatrixHandle;
 use switchboard::route::route;
+use switchboard::stage::route::RouteStage;
 
 fn core(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -74,6 +82,31 @@ fn core(c: &mut Criterion) {
                 .collect();
             black_box(bytes)
         })
+    });
+    // The route stage's whole per-record work: the above, plus the pending
+    // record and every output, as `RouteStage::handle` does it.
+    let config = Config::new("unused:9092", root.join("deploy/matrix.yaml"));
+    let stage = RouteStage {
+        matrix: MatrixHandle::load(&config.matrix_path, Metrics::new()).expect("default matrix loads"),
+        config: Arc::new(config),
+        decoder: Decoder::bundled(),
+        directory: Arc::new(directory),
+        seen: Arc::default(),
+        metrics: Metrics::new(),
+        health: Health::new(),
+        clock: Arc::new(SystemClock),
+    };
+    let record = InputRecord {
+        topic: "agent.actions".into(),
+        partition: 0,
+        offset: 0,
+        key: Some(b"bench".to_vec()),
+        payload: Some(event.clone()),
+        headers: Vec::new(),
+    };
+    let current = stage.matrix.current();
+    group.bench_function("route_stage_handle", |b| {
+        b.iter(|| black_box(stage.handle(black_box(&record), &current, Utc::now())))
     });
     group.finish();
 }

@@ -130,6 +130,7 @@ pub enum OutcomeKind {
 pub struct LaneVerdict {
     pub verdict: Verdict,
     pub approver: String,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub decided_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
@@ -143,6 +144,7 @@ pub struct Outcome<'a> {
     /// Lane → verdict, for the lanes that decided.
     pub verdicts: Ordered<Cow<'a, str>, LaneVerdict>,
     pub matrix_version: Cow<'a, str>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub closed_at: DateTime<Utc>,
     /// For `expired`: the lane whose chain ran out.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -54,7 +54,11 @@ pub struct ApprovalRequest<'a> {
     pub escalation_level: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assignee: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "crate::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sla_due: Option<DateTime<Utc>>,
     /// A second copy of a packet still undecided, sent when most of the
     /// step's SLA has passed; same action, lane and level as the first.
@@ -78,9 +82,11 @@ pub struct ApprovalRequest<'a> {
     pub payload: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Cow<'a, str>>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub occurred_at: DateTime<Utc>,
     pub enrichment: Cow<'a, Enrichment>,
     pub matrix_version: Cow<'a, str>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub routed_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decide: Option<Decide<'a>>,

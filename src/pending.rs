@@ -28,23 +28,33 @@ pub enum Status {
     Closed,
 }
 
+/// `P` is how packets are held: parsed ([`ApprovalRequest`], the default,
+/// for whoever reads the changelog) or already encoded ([`crate::encode::Raw`], for
+/// the route stage, which writes each packet to its lane anyway and so
+/// embeds those bytes instead of serializing every packet twice).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingRecord<'a> {
+pub struct PendingRecord<'a, P = ApprovalRequest<'a>> {
     pub action_id: Cow<'a, str>,
     pub status: Status,
     /// 0 when routed; +1 with every change.
     pub revision: u64,
     pub matrix_version: Cow<'a, str>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub occurred_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub routed_at: DateTime<Utc>,
     /// One state per review lane, in lane order.
     pub lanes: Vec<LaneState<'a>>,
     /// The level-0 packet of each review lane, in the same order (none once closed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub packets: Vec<ApprovalRequest<'a>>,
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub packets: Vec<P>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<OutcomeKind>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "crate::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub closed_at: Option<DateTime<Utc>>,
 }
 
@@ -65,11 +75,16 @@ pub struct LaneState<'a> {
     pub roster: Cow<'a, [String]>,
     /// Where this level's packet went.
     pub topic: Cow<'a, str>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub sla_due: DateTime<Utc>,
     /// When this level's reminder is due; `None` once it is sent, or when
     /// the matrix asks for none or the moment had passed before the level
     /// began.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "crate::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub remind_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<LaneVerdict>,

@@ -25,6 +25,7 @@ use crate::config::{Config, Guarantee};
 use crate::decode::Decoder;
 use crate::dedup::SeenIndex;
 use crate::dlq::{self, Failed};
+use crate::encode::{self, Raw};
 use crate::enrich::{Directory, enrich};
 use crate::http::Health;
 use crate::kafka::{KafkaStageError, consumer_config};
@@ -363,42 +364,40 @@ impl RouteStage {
         Ok((seen_reader, directory_reader))
     }
 
-    /// Handles a batch: partitions in parallel when the batch is large,
-    /// records of one partition in order. Results keep the batch's order
-    /// within each partition.
+    /// Handles a batch, in parallel when it is large enough to pay for a
+    /// thread: handling one record is pure, so the batch is cut into
+    /// contiguous slices, and joining their results in slice order keeps the
+    /// batch's order (which the duplicate check after it relies on).
     pub fn handle_batch(&self, batch: &[InputRecord], matrix: &Matrix, now: DateTime<Utc>) -> Vec<Handled> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        let partitions: HashSet<(&str, i32)> =
-            batch.iter().map(|r| (r.topic.as_str(), r.partition)).collect();
-        if workers < 2 || partitions.len() < 2 || batch.len() < 256 {
+        if workers < 2 || batch.len() < PARALLEL_FROM {
             return batch.iter().map(|r| self.handle(r, matrix, now)).collect();
         }
-        let mut groups: Vec<Vec<&InputRecord>> = vec![Vec::new(); workers];
-        for r in batch {
-            let slot = (r.partition.unsigned_abs() as usize) % workers;
-            groups[slot].push(r);
-        }
+        let slice = batch.len().div_ceil(workers);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = groups
-                .iter()
-                .map(|group| {
+            let mut slices = batch.chunks(slice);
+            let first = slices.next().unwrap_or_default();
+            let handles: Vec<_> = slices
+                .map(|part| {
                     scope.spawn(move || {
-                        group
-                            .iter()
+                        part.iter()
                             .map(|r| self.handle(r, matrix, now))
                             .collect::<Vec<_>>()
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| match h.join() {
-                    Ok(results) => results,
+            // This thread takes the first slice rather than waiting idle.
+            let mut handled: Vec<Handled> = first.iter().map(|r| self.handle(r, matrix, now)).collect();
+            handled.reserve(batch.len() - first.len());
+            for h in handles {
+                match h.join() {
+                    Ok(results) => handled.extend(results),
                     // handle() does not panic on input; if it ever did, the
                     // panic is re-raised rather than dropping records.
                     Err(panic) => std::panic::resume_unwind(panic),
-                })
-                .collect()
+                }
+            }
+            handled
         })
     }
 
@@ -442,21 +441,16 @@ impl RouteStage {
             decisions_topic: &self.config.topics.decisions,
             routed_at: now,
         };
-        let key = action.action_id.as_bytes().to_vec();
-        let mut outputs = Vec::with_capacity(routing.lanes.len() + 1);
+        // Each packet is serialized once: its bytes go to its topic and,
+        // embedded as they are, into the pending record.
+        let mut packets: Vec<(&str, Vec<u8>)> = Vec::with_capacity(routing.lanes.len().max(1));
         let mut fired = Vec::new();
-        let mut packets = Vec::with_capacity(routing.lanes.len());
         let mut lanes = Vec::with_capacity(routing.lanes.len());
         for hit in &routing.lanes {
             let lane = &matrix.lanes[hit.lane];
             let packet = packet::for_lane(&input, hit);
-            match serde_json::to_vec(&packet) {
-                Ok(bytes) => outputs.push(Output {
-                    topic: lane.topic.clone(),
-                    key: Some(key.clone()),
-                    payload: Some(bytes),
-                    headers: Vec::new(),
-                }),
+            match encode::to_vec(&packet) {
+                Ok(bytes) => packets.push((&lane.topic, bytes)),
                 Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
             }
             fired.extend(
@@ -481,22 +475,14 @@ impl RouteStage {
                     .filter(|at| *at > now),
                 verdict: None,
             });
-            packets.push(packet);
         }
         let status = if routing.review() {
             Status::Open
         } else {
-            let packet = packet::allowed(&input);
-            match serde_json::to_vec(&packet) {
-                Ok(bytes) => outputs.push(Output {
-                    topic: self.config.topics.allowed.clone(),
-                    key: Some(key.clone()),
-                    payload: Some(bytes),
-                    headers: Vec::new(),
-                }),
+            match encode::to_vec(&packet::allowed(&input)) {
+                Ok(bytes) => packets.push((&self.config.topics.allowed, bytes)),
                 Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
             }
-            packets.push(packet);
             Status::Allowed
         };
         let pending = PendingRecord {
@@ -507,19 +493,30 @@ impl RouteStage {
             occurred_at: action.occurred_at,
             routed_at: now,
             lanes,
-            packets,
+            packets: packets.iter().map(|(_, bytes)| Raw(bytes)).collect(),
             outcome: None,
             closed_at: None,
         };
-        match serde_json::to_vec(&pending) {
-            Ok(bytes) => outputs.push(Output {
-                topic: self.config.topics.pending.clone(),
-                key: Some(key),
+        let pending = match encode::to_vec(&pending) {
+            Ok(bytes) => bytes,
+            Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
+        };
+        let key = action.action_id.as_bytes().to_vec();
+        let mut outputs = Vec::with_capacity(packets.len() + 1);
+        for (topic, bytes) in packets {
+            outputs.push(Output {
+                topic: topic.to_string(),
+                key: Some(key.clone()),
                 payload: Some(bytes),
                 headers: Vec::new(),
-            }),
-            Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
+            });
         }
+        outputs.push(Output {
+            topic: self.config.topics.pending.clone(),
+            key: Some(key),
+            payload: Some(pending),
+            headers: Vec::new(),
+        });
         // Every output must stay writable, now and as the escalation stage
         // adds verdicts and steps to the pending record: one the producer
         // refused would be retried forever and stop the stage here.
@@ -611,6 +608,10 @@ impl RouteStage {
         }
     }
 }
+
+/// The smallest batch handled on more than one thread: a thread costs tens
+/// of microseconds to start, a record about ten to handle.
+const PARALLEL_FROM: usize = 32;
 
 /// How many batches the at-least-once pipeline keeps in flight: enough to
 /// route one while the writes of those before it travel, few enough to

@@ -1405,6 +1405,23 @@ pub fn check_outputs_with(
                     if lanes.is_empty() { "allowed" } else { "open" },
                     "{id}: pending status"
                 );
+                // The pending record carries each level-0 packet exactly as
+                // its lane (or actions.allowed) received it, in lane order.
+                let carried: Vec<Value> = if lanes.is_empty() {
+                    vec![json(outputs.keyed(&config.topics.allowed, id)[0])]
+                } else {
+                    lanes
+                        .iter()
+                        .map(|lane| {
+                            let (topic, _) = lane_topics
+                                .iter()
+                                .find(|(_, l)| l.as_str() == *lane)
+                                .expect("a routed lane has a topic");
+                            json(outputs.keyed(topic, id)[0])
+                        })
+                        .collect()
+                };
+                assert_eq!(pending["packets"], Value::Array(carried), "{id}: pending packets");
                 for (topic, lane) in &lane_topics {
                     let packets = outputs.keyed(topic, id);
                     let rules = routing.iter().find(|(l, _)| l == lane).map(|(_, r)| r);

@@ -1,0 +1,861 @@
+//! JSON for what the route stage writes, fast enough for its hot path.
+//!
+//! Packets and pending records are almost all text, and serde_json escapes
+//! text one byte at a time through a lookup table: two fifths of the route
+//! stage's work per record went there. This is a serde `Serializer` that
+//! writes the same compact JSON, byte for byte (the tests compare it with
+//! serde_json on every shape it meets), but looks for characters to escape
+//! eight bytes at a time. It also embeds JSON that is already encoded
+//! ([`Raw`]), so the pending record carries each packet's bytes instead of
+//! encoding every packet a second time.
+//!
+//! Numbers, booleans and everything rare are written exactly as serde_json
+//! writes them (floats through serde_json itself).
+
+use serde::ser::{self, Serialize};
+
+/// Why a value could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The value's own `Serialize` refused.
+    #[error("{0}")]
+    Custom(String),
+    /// JSON object keys are text (integers and booleans are quoted, as
+    /// serde_json does); anything else has no JSON form.
+    #[error("a map key must be a string, a number or a boolean")]
+    KeyMustBeAString,
+}
+
+impl ser::Error for EncodeError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        EncodeError::Custom(msg.to_string())
+    }
+}
+
+/// Encodes `value` as compact JSON.
+pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(1024);
+    value.serialize(&mut Encoder { out: &mut out })?;
+    Ok(out)
+}
+
+/// JSON already encoded, written as it is. Only this module's encoder knows
+/// it: anything else (serde_json included) would write it as a string.
+#[derive(Debug, Clone, Copy)]
+pub struct Raw<'a>(pub &'a [u8]);
+
+const RAW: &str = "$switchboard::encode::Raw";
+
+impl Serialize for Raw<'_> {
+    fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_struct(RAW, &RawInner(self.0))
+    }
+}
+
+/// The bytes as serde bytes (not a sequence of numbers), so the encoder can
+/// take them whole.
+struct RawInner<'a>(&'a [u8]);
+
+impl Serialize for RawInner<'_> {
+    fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+struct Encoder<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+/// Writes `s` as a JSON string: quotes, and escapes for `"`, `\` and the
+/// control characters, as serde_json writes them.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    loop {
+        let at = first_escape(bytes, start);
+        let Some(&b) = bytes.get(at) else {
+            break;
+        };
+        out.extend_from_slice(&bytes[start..at]);
+        match ESCAPE[b as usize] {
+            b'u' => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(b >> 4) as usize],
+                    HEX[(b & 0xF) as usize],
+                ]);
+            }
+            letter => out.extend_from_slice(&[b'\\', letter]),
+        }
+        start = at + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// The index of the first byte at or after `from` that needs an escape, or
+/// the length when none does. Eight bytes are tested at once (the last
+/// word overlapping the one before it), and only a word that holds one is
+/// looked into; text shorter than a word is looked at byte by byte.
+fn first_escape(bytes: &[u8], from: usize) -> usize {
+    let rest = bytes.get(from..).unwrap_or_default();
+    if rest.len() < 8 {
+        return from + position(rest);
+    }
+    let word = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&rest[at..at + 8]);
+        u64::from_le_bytes(word)
+    };
+    let mut i = 0;
+    while i + 8 <= rest.len() {
+        if needs_escape(word(i)) {
+            return from + i + position(&rest[i..i + 8]);
+        }
+        i += 8;
+    }
+    let last = rest.len() - 8;
+    if i < rest.len() && needs_escape(word(last)) {
+        // The bytes of this word before `i` were clean already.
+        return from + last + position(&rest[last..]);
+    }
+    bytes.len()
+}
+
+/// Where in `bytes` (which holds one) the first byte needing an escape is.
+fn position(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .position(|b| ESCAPE[*b as usize] != 0)
+        .unwrap_or(bytes.len())
+}
+
+/// Whether any of the eight bytes is below 0x20, a `"` or a `\`. (Bytes of
+/// 0x80 and up, UTF-8 beyond ASCII, are never escaped.)
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = word ^ (ONES * b'"' as u64);
+    let backslash = word ^ (ONES * b'\\' as u64);
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x;
+    (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS != 0
+}
+
+/// serde_json's table: the letter after `\`, `u` for `\u00XX`, 0 for none.
+static ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        table[i] = b'u';
+        i += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0A] = b'n';
+    table[0x0C] = b'f';
+    table[0x0D] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+fn write_display(out: &mut Vec<u8>, n: impl std::fmt::Display) {
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n}");
+}
+
+impl<'a, 'o> ser::Serializer for &'a mut Encoder<'o> {
+    type Ok = ();
+    type Error = EncodeError;
+    type SerializeSeq = Compound<'a, 'o>;
+    type SerializeTuple = Compound<'a, 'o>;
+    type SerializeTupleStruct = Compound<'a, 'o>;
+    type SerializeTupleVariant = Compound<'a, 'o>;
+    type SerializeMap = Compound<'a, 'o>;
+    type SerializeStruct = Compound<'a, 'o>;
+    type SerializeStructVariant = Compound<'a, 'o>;
+
+    fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
+        self.out.extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
+    }
+    fn serialize_i8(self, v: i8) -> Result<(), EncodeError> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i16(self, v: i16) -> Result<(), EncodeError> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i32(self, v: i32) -> Result<(), EncodeError> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i64(self, v: i64) -> Result<(), EncodeError> {
+        write_display(self.out, v);
+        Ok(())
+    }
+    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
+        write_display(self.out, v);
+        Ok(())
+    }
+    fn serialize_u8(self, v: u8) -> Result<(), EncodeError> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u16(self, v: u16) -> Result<(), EncodeError> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u32(self, v: u32) -> Result<(), EncodeError> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u64(self, v: u64) -> Result<(), EncodeError> {
+        if v < 10 {
+            self.out.push(b'0' + v as u8);
+        } else {
+            write_display(self.out, v);
+        }
+        Ok(())
+    }
+    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
+        write_display(self.out, v);
+        Ok(())
+    }
+    fn serialize_f32(self, v: f32) -> Result<(), EncodeError> {
+        serde_json::to_writer(&mut *self.out, &v).map_err(|e| EncodeError::Custom(e.to_string()))
+    }
+    fn serialize_f64(self, v: f64) -> Result<(), EncodeError> {
+        serde_json::to_writer(&mut *self.out, &v).map_err(|e| EncodeError::Custom(e.to_string()))
+    }
+    fn serialize_char(self, v: char) -> Result<(), EncodeError> {
+        write_str(self.out, v.encode_utf8(&mut [0u8; 4]));
+        Ok(())
+    }
+    fn serialize_str(self, v: &str) -> Result<(), EncodeError> {
+        write_str(self.out, v);
+        Ok(())
+    }
+    /// As serde_json: an array of numbers. (Inside [`Raw`], the bytes
+    /// themselves; see `serialize_newtype_struct`.)
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+        use ser::SerializeSeq;
+        let mut seq = self.serialize_seq(Some(v.len()))?;
+        for b in v {
+            seq.serialize_element(b)?;
+        }
+        seq.end()
+    }
+    fn serialize_none(self) -> Result<(), EncodeError> {
+        self.serialize_unit()
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), EncodeError> {
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> Result<(), EncodeError> {
+        self.out.extend_from_slice(b"null");
+        Ok(())
+    }
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), EncodeError> {
+        self.serialize_unit()
+    }
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result<(), EncodeError> {
+        self.serialize_str(variant)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        if name == RAW {
+            return value.serialize(RawBytes { out: self.out });
+        }
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        self.out.push(b'{');
+        write_str(self.out, variant);
+        self.out.push(b':');
+        value.serialize(&mut *self)?;
+        self.out.push(b'}');
+        Ok(())
+    }
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.out.push(b'[');
+        Ok(Compound::new(self, b"]"))
+    }
+    fn serialize_tuple(self, len: usize) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_struct(
+        self,
+        _name: &'static str,
+        len: usize,
+    ) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.out.push(b'{');
+        write_str(self.out, variant);
+        self.out.extend_from_slice(b":[");
+        Ok(Compound::new(self, b"]}"))
+    }
+    fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.out.push(b'{');
+        Ok(Compound::new(self, b"}"))
+    }
+    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.serialize_map(Some(len))
+    }
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'a, 'o>, EncodeError> {
+        self.out.push(b'{');
+        write_str(self.out, variant);
+        self.out.extend_from_slice(b":{");
+        Ok(Compound::new(self, b"}}"))
+    }
+}
+
+/// An array or object being written.
+pub struct Compound<'a, 'o> {
+    enc: &'a mut Encoder<'o>,
+    first: bool,
+    close: &'static [u8],
+}
+
+impl<'a, 'o> Compound<'a, 'o> {
+    fn new(enc: &'a mut Encoder<'o>, close: &'static [u8]) -> Self {
+        Compound {
+            enc,
+            first: true,
+            close,
+        }
+    }
+
+    fn separate(&mut self) {
+        if !std::mem::replace(&mut self.first, false) {
+            self.enc.out.push(b',');
+        }
+    }
+
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        self.separate();
+        value.serialize(&mut *self.enc)
+    }
+
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), EncodeError> {
+        self.separate();
+        write_str(self.enc.out, key);
+        self.enc.out.push(b':');
+        value.serialize(&mut *self.enc)
+    }
+
+    fn close(self) -> Result<(), EncodeError> {
+        self.enc.out.extend_from_slice(self.close);
+        Ok(())
+    }
+}
+
+impl ser::SerializeSeq for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        self.element(value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeTuple for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        self.element(value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeTupleStruct for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        self.element(value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeTupleVariant for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        self.element(value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeMap for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), EncodeError> {
+        self.separate();
+        key.serialize(KeyEncoder { out: self.enc.out })?;
+        self.enc.out.push(b':');
+        Ok(())
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        value.serialize(&mut *self.enc)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeStruct for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        self.field(key, value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+impl ser::SerializeStructVariant for Compound<'_, '_> {
+    type Ok = ();
+    type Error = EncodeError;
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        self.field(key, value)
+    }
+    fn end(self) -> Result<(), EncodeError> {
+        self.close()
+    }
+}
+
+/// Map keys: text as it is, integers and booleans quoted (as serde_json).
+struct KeyEncoder<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl KeyEncoder<'_> {
+    fn quoted(self, n: impl std::fmt::Display) -> Result<(), EncodeError> {
+        self.out.push(b'"');
+        write_display(self.out, n);
+        self.out.push(b'"');
+        Ok(())
+    }
+}
+
+macro_rules! refuse {
+    ($($name:ident($($arg:ty),*) -> $ret:ty;)*) => {
+        $(fn $name(self, $(_: $arg),*) -> Result<$ret, EncodeError> {
+            Err(EncodeError::KeyMustBeAString)
+        })*
+    };
+}
+
+impl ser::Serializer for KeyEncoder<'_> {
+    type Ok = ();
+    type Error = EncodeError;
+    type SerializeSeq = ser::Impossible<(), EncodeError>;
+    type SerializeTuple = ser::Impossible<(), EncodeError>;
+    type SerializeTupleStruct = ser::Impossible<(), EncodeError>;
+    type SerializeTupleVariant = ser::Impossible<(), EncodeError>;
+    type SerializeMap = ser::Impossible<(), EncodeError>;
+    type SerializeStruct = ser::Impossible<(), EncodeError>;
+    type SerializeStructVariant = ser::Impossible<(), EncodeError>;
+
+    fn serialize_str(self, v: &str) -> Result<(), EncodeError> {
+        write_str(self.out, v);
+        Ok(())
+    }
+    fn serialize_char(self, v: char) -> Result<(), EncodeError> {
+        write_str(self.out, v.encode_utf8(&mut [0u8; 4]));
+        Ok(())
+    }
+    fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_i8(self, v: i8) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_i16(self, v: i16) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_i32(self, v: i32) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_i64(self, v: i64) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_u8(self, v: u8) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_u16(self, v: u16) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_u32(self, v: u32) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_u64(self, v: u64) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
+        self.quoted(v)
+    }
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result<(), EncodeError> {
+        self.serialize_str(variant)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        value.serialize(self)
+    }
+    fn serialize_f32(self, _: f32) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_f64(self, _: f64) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_bytes(self, _: &[u8]) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_none(self) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_unit(self) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), EncodeError> {
+        Err(EncodeError::KeyMustBeAString)
+    }
+    refuse! {
+        serialize_seq(Option<usize>) -> Self::SerializeSeq;
+        serialize_tuple(usize) -> Self::SerializeTuple;
+        serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Self::SerializeTupleVariant;
+        serialize_map(Option<usize>) -> Self::SerializeMap;
+        serialize_struct(&'static str, usize) -> Self::SerializeStruct;
+        serialize_struct_variant(&'static str, u32, &'static str, usize) -> Self::SerializeStructVariant;
+    }
+}
+
+/// Inside [`Raw`]: takes the bytes whole.
+struct RawBytes<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl ser::Serializer for RawBytes<'_> {
+    type Ok = ();
+    type Error = EncodeError;
+    type SerializeSeq = ser::Impossible<(), EncodeError>;
+    type SerializeTuple = ser::Impossible<(), EncodeError>;
+    type SerializeTupleStruct = ser::Impossible<(), EncodeError>;
+    type SerializeTupleVariant = ser::Impossible<(), EncodeError>;
+    type SerializeMap = ser::Impossible<(), EncodeError>;
+    type SerializeStruct = ser::Impossible<(), EncodeError>;
+    type SerializeStructVariant = ser::Impossible<(), EncodeError>;
+
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+        self.out.extend_from_slice(v);
+        Ok(())
+    }
+    fn serialize_bool(self, _: bool) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_i8(self, _: i8) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_i16(self, _: i16) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_i32(self, _: i32) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_i64(self, _: i64) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_u8(self, _: u8) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_u16(self, _: u16) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_u32(self, _: u32) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_u64(self, _: u64) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_f32(self, _: f32) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_f64(self, _: f64) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_char(self, _: char) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_str(self, _: &str) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_none(self) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_unit(self) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_tuple_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleStruct, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleVariant, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, EncodeError> {
+        Err(not_raw())
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStructVariant, EncodeError> {
+        Err(not_raw())
+    }
+}
+
+fn not_raw() -> EncodeError {
+    EncodeError::Custom("only Raw's own bytes may stand for raw JSON".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde::Serialize;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn same<T: Serialize + ?Sized>(value: &T) {
+        let ours = to_vec(value).expect("encodes");
+        let theirs = serde_json::to_vec(value).expect("serde_json encodes");
+        assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+    }
+
+    #[test]
+    fn text_that_needs_escapes_is_written_as_serde_json_writes_it() {
+        for s in [
+            "",
+            "plain",
+            "exactly8",
+            "a \"quoted\" word and a back\\slash, then more text to fill words",
+            "\u{0}\u{1}\u{7}\u{8}\t\n\u{b}\u{c}\r\u{1f} \u{7f}",
+            "ünïcödé – “quotes” 🚀 and \"real\" ones",
+            "long run of safe bytes, long run of safe bytes, long run of safe bytes\"",
+        ] {
+            same(s);
+        }
+    }
+
+    #[derive(Serialize)]
+    enum Shape {
+        Unit,
+        Newtype(u32),
+        Tuple(i8, String),
+        Struct { a: Option<bool>, b: Vec<u8> },
+    }
+
+    #[derive(Serialize)]
+    struct Every {
+        shapes: Vec<Shape>,
+        map: BTreeMap<i32, &'static str>,
+        bools: BTreeMap<bool, ()>,
+        float: f64,
+        nan: f64,
+        small: f32,
+        big: u128,
+        negative: i64,
+        unit: (),
+        empty: Vec<u8>,
+        empty_map: BTreeMap<String, u8>,
+        c: char,
+        tuple: (u8, &'static str),
+    }
+
+    #[test]
+    fn every_serde_shape_is_written_as_serde_json_writes_it() {
+        same(&Every {
+            shapes: vec![
+                Shape::Unit,
+                Shape::Newtype(7),
+                Shape::Tuple(-3, "x".into()),
+                Shape::Struct {
+                    a: None,
+                    b: vec![1, 2],
+                },
+            ],
+            map: [(-1, "minus"), (10, "ten")].into_iter().collect(),
+            bools: [(true, ()), (false, ())].into_iter().collect(),
+            float: 1.5e300,
+            nan: f64::NAN,
+            small: 0.1,
+            big: u128::MAX,
+            negative: i64::MIN,
+            unit: (),
+            empty: Vec::new(),
+            empty_map: BTreeMap::new(),
+            c: '"',
+            tuple: (0, "t"),
+        });
+    }
+
+    #[test]
+    fn raw_json_is_embedded_as_it_is() {
+        let inner = to_vec(&serde_json::json!({"k": ["v", 1]})).expect("encodes");
+        let outer = to_vec(&vec![Raw(&inner), Raw(b"null")]).expect("encodes");
+        assert_eq!(outer, br#"[{"k":["v",1]},null]"#);
+    }
+
+    #[test]
+    fn keys_that_are_not_text_are_refused() {
+        let map: BTreeMap<Vec<u8>, u8> = [(vec![1], 1)].into_iter().collect();
+        assert!(matches!(to_vec(&map), Err(EncodeError::KeyMustBeAString)));
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[\"\\\\\\x00-\\x1f a-z]{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_json_value_is_written_as_serde_json_writes_it(value in any_json()) {
+            let ours = to_vec(&value).expect("encodes");
+            let theirs = serde_json::to_vec(&value).expect("serde_json encodes");
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Timestamps as the outputs write them, without going through `core::fmt`.
+//!
+//! Every packet and pending record carries several times, and chrono writes
+//! each one through `Display` and serde's `collect_str`, character by
+//! character through the JSON escaper: a fifth of the route stage's
+//! serialization. This writes the same text (chrono's serde form: RFC 3339,
+//! `Z`, as many fraction digits as needed in groups of three) into a stack
+//! buffer and hands it over whole. The text is byte-identical to chrono's,
+//! so readers see no difference; years chrono writes with a sign (before 0
+//! or after 9999) are left to chrono.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use serde::{Serialize, Serializer};
+
+/// `2026-11-26T02:44:16.123456789Z` is the longest form within years 0–9999.
+const LONGEST: usize = 30;
+
+/// Writes `t` into `buf` and returns the text, or `None` for a year outside
+/// 0–9999.
+pub fn format<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; LONGEST]) -> Option<&'b str> {
+    let naive = t.naive_utc();
+    let year = naive.year();
+    if !(0..=9999).contains(&year) {
+        return None;
+    }
+    let mut second = naive.second();
+    let mut nano = naive.nanosecond();
+    // A leap second is written as second 60.
+    if nano >= 1_000_000_000 {
+        second += 1;
+        nano -= 1_000_000_000;
+    }
+    let year = year as u32;
+    two(&mut buf[0..2], year / 100);
+    two(&mut buf[2..4], year % 100);
+    buf[4] = b'-';
+    two(&mut buf[5..7], naive.month());
+    buf[7] = b'-';
+    two(&mut buf[8..10], naive.day());
+    buf[10] = b'T';
+    two(&mut buf[11..13], naive.hour());
+    buf[13] = b':';
+    two(&mut buf[14..16], naive.minute());
+    buf[16] = b':';
+    two(&mut buf[17..19], second);
+    let mut len = 19;
+    let (digits, value) = if nano == 0 {
+        (0, 0)
+    } else if nano.is_multiple_of(1_000_000) {
+        (3, nano / 1_000_000)
+    } else if nano.is_multiple_of(1_000) {
+        (6, nano / 1_000)
+    } else {
+        (9, nano)
+    };
+    if digits > 0 {
+        buf[len] = b'.';
+        let mut rest = value;
+        for i in (0..digits).rev() {
+            buf[len + 1 + i] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        len += 1 + digits;
+    }
+    buf[len] = b'Z';
+    len += 1;
+    // Only ASCII digits and separators were written.
+    std::str::from_utf8(&buf[..len]).ok()
+}
+
+fn two(out: &mut [u8], n: u32) {
+    out[0] = b'0' + (n / 10 % 10) as u8;
+    out[1] = b'0' + (n % 10) as u8;
+}
+
+/// For `#[serde(serialize_with = "crate::rfc3339::serialize")]`.
+pub fn serialize<S: Serializer>(t: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut buf = [0u8; LONGEST];
+    match format(t, &mut buf) {
+        Some(text) => serializer.serialize_str(text),
+        None => t.serialize(serializer),
+    }
+}
+
+/// For optional times: `#[serde(serialize_with = "crate::rfc3339::option")]`.
+pub fn option<S: Serializer>(t: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
+    struct Fast<'a>(&'a DateTime<Utc>);
+    impl Serialize for Fast<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serialize(self.0, serializer)
+        }
+    }
+    match t {
+        Some(t) => serializer.serialize_some(&Fast(t)),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, TimeZone};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn both(t: DateTime<Utc>) -> (String, String) {
+        let mut ours = Vec::new();
+        serialize(&t, &mut serde_json::Serializer::new(&mut ours)).expect("writing to a Vec");
+        let chrono = serde_json::to_string(&t).expect("chrono writes every time");
+        (String::from_utf8(ours).expect("JSON is UTF-8"), chrono)
+    }
+
+    #[test]
+    fn every_fraction_width_and_the_edges_match_chrono() {
+        let base = Utc
+            .with_ymd_and_hms(2026, 11, 26, 2, 44, 16)
+            .single()
+            .expect("a valid time");
+        for nanos in [
+            0,
+            1,
+            999,
+            1_000,
+            120_000,
+            1_000_000,
+            5_000_000,
+            123_456_789,
+            999_999_999,
+        ] {
+            let t = base + chrono::TimeDelta::nanoseconds(nanos);
+            let (ours, chrono) = both(t);
+            assert_eq!(ours, chrono);
+        }
+        for (y, m, d) in [
+            (0, 1, 1),
+            (9, 2, 3),
+            (999, 12, 31),
+            (9999, 12, 31),
+            (-1, 1, 1),
+            (10000, 1, 1),
+        ] {
+            let t = NaiveDate::from_ymd_opt(y, m, d)
+                .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 7))
+                .expect("a valid date")
+                .and_utc();
+            let (ours, chrono) = both(t);
+            assert_eq!(ours, chrono);
+        }
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .expect("a leap second")
+            .and_utc();
+        let (ours, chrono) = both(leap);
+        assert_eq!(ours, chrono);
+        assert!(ours.contains(":60.5"), "{ours}");
+    }
+
+    #[test]
+    fn options_match_chrono() {
+        let t = Some(
+            Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+                .single()
+                .expect("a valid time"),
+        );
+        for t in [t, None] {
+            let mut ours = Vec::new();
+            option(&t, &mut serde_json::Serializer::new(&mut ours)).expect("writing to a Vec");
+            assert_eq!(ours, serde_json::to_vec(&t).expect("chrono writes every time"));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_time_matches_chrono(secs in -100_000_000_000i64..300_000_000_000, nanos in 0u32..2_000_000_000) {
+            if let Some(t) = DateTime::from_timestamp(secs, nanos) {
+                let (ours, chrono) = both(t);
+                prop_assert_eq!(ours, chrono);
+            }
+        }
+    }
+}

@@ -797,7 +797,7 @@ impl EscalateStage {
         let key = effects.record.action_id.as_bytes().to_vec();
         let mut outputs = Vec::with_capacity(effects.packets.len() + 2);
         for (topic, packet) in &effects.packets {
-            if let Ok(bytes) = serde_json::to_vec(packet) {
+            if let Ok(bytes) = crate::encode::to_vec(packet) {
                 outputs.push(Output {
                     topic: topic.clone(),
                     key: Some(key.clone()),
@@ -817,7 +817,7 @@ impl EscalateStage {
         };
         let mut outcome = false;
         if let Some(o) = &effects.outcome
-            && let Ok(bytes) = serde_json::to_vec(o)
+            && let Ok(bytes) = crate::encode::to_vec(o)
         {
             outputs.push(Output {
                 topic: topics.outcomes.clone(),
@@ -827,7 +827,7 @@ impl EscalateStage {
             });
             outcome = true;
         }
-        let bytes = match serde_json::to_vec(&effects.record) {
+        let bytes = match crate::encode::to_vec(&effects.record) {
             Ok(bytes) => bytes,
             Err(e) => {
                 // Our own struct always serializes; were it ever not to,

@@ -68,7 +68,7 @@ struct Encoder<'o> {
 
 /// Writes `s` as a JSON string: quotes, and escapes for `"`, `\` and the
 /// control characters, as serde_json writes them.
-fn write_str(out: &mut Vec<u8>, s: &str) {
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');

@@ -48,7 +48,10 @@ fn to_json_text(id: u32, schema: &Schema, body: &[u8]) -> Result<Vec<u8>, Decode
     };
     reader.value(schema, &mut Vec::new(), 0).map_err(bad)?;
     if !reader.rest.is_empty() {
-        return Err(bad(format!("{} bytes left over after the record", reader.rest.len())));
+        return Err(bad(format!(
+            "{} bytes left over after the record",
+            reader.rest.len()
+        )));
     }
     Ok(reader.out)
 }
@@ -234,7 +237,10 @@ impl<'s, 'b> Reader<'s, 'b> {
         // Every item takes at least a byte but null: a count beyond what is
         // left is a lie (and a loop bound set by the input).
         if count > self.rest.len() as u64 + 1 {
-            return Err(format!("{}: {count} items announced, the record is shorter", name(path)));
+            return Err(format!(
+                "{}: {count} items announced, the record is shorter",
+                name(path)
+            ));
         }
         Ok(Some(count))
     }
@@ -263,7 +269,11 @@ fn write_number(out: &mut Vec<u8>, n: impl std::fmt::Display) {
 }
 
 /// The named type `wanted` defined somewhere in `schema`.
-fn find_named<'s>(schema: &'s Schema, wanted: &apache_avro::schema::Name, depth: usize) -> Option<&'s Schema> {
+fn find_named<'s>(
+    schema: &'s Schema,
+    wanted: &apache_avro::schema::Name,
+    depth: usize,
+) -> Option<&'s Schema> {
     if depth > MAX_DEPTH {
         return None;
     }
@@ -271,7 +281,10 @@ fn find_named<'s>(schema: &'s Schema, wanted: &apache_avro::schema::Name, depth:
         Schema::Record(r) if &r.name == wanted => Some(schema),
         Schema::Enum(e) if &e.name == wanted => Some(schema),
         Schema::Fixed(f) if &f.name == wanted => Some(schema),
-        Schema::Record(r) => r.fields.iter().find_map(|f| find_named(&f.schema, wanted, depth + 1)),
+        Schema::Record(r) => r
+            .fields
+            .iter()
+            .find_map(|f| find_named(&f.schema, wanted, depth + 1)),
         Schema::Union(u) => u.variants().iter().find_map(|v| find_named(v, wanted, depth + 1)),
         Schema::Array(a) => find_named(&a.items, wanted, depth + 1),
         Schema::Map(m) => find_named(&m.types, wanted, depth + 1),

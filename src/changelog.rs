@@ -206,7 +206,8 @@ pub fn read_partition(
 /// bytes at once. It reads at least to `at_least` (the group's committed
 /// offset), even when the broker reports a lower high watermark: what lies
 /// before the committed offset the group consumer will not read again, so
-/// the restore must.
+/// the restore must. Returns how many records it read and the offset after
+/// the last one it handed to `each` (0 for none).
 pub fn read_partition_each(
     config: &Config,
     topic: &str,
@@ -214,16 +215,18 @@ pub fn read_partition_each(
     at_least: i64,
     limit: Duration,
     mut each: impl FnMut(Option<&[u8]>, Option<&[u8]>),
-) -> Result<u64, KafkaStageError> {
+) -> Result<(u64, i64), KafkaStageError> {
     let consumer: BaseConsumer = restore_reader_config(config)
         .create()
         .map_err(KafkaStageError::kafka("creating a restore reader"))?;
     let mut records = 0u64;
+    let mut after = 0i64;
     read_each(&consumer, &[topic], Some(partition), at_least, limit, |m| {
         records += 1;
+        after = after.max(m.offset() + 1);
         each(m.key(), m.payload())
     })?;
-    Ok(records)
+    Ok((records, after))
 }
 
 fn read_partitions(

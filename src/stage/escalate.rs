@@ -85,6 +85,10 @@ struct State {
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
     open: HashMap<Arc<str>, i64>,
+    /// Per restored partition, the offset after the last record the restore
+    /// applied: the group consumer, which replays from its committed offset,
+    /// skips what lies before it without parsing it again.
+    restored_to: HashMap<i32, i64>,
 }
 
 impl State {
@@ -152,6 +156,8 @@ struct Restored {
     /// Closed actions: action_id → (closing revision, when to tombstone).
     closed: HashMap<Arc<str>, (u64, DateTime<Utc>)>,
     read: u64,
+    /// The offset after the last record applied (see `State::restored_to`).
+    applied_to: i64,
 }
 
 /// Bursts of at least this many actions falling due at once are fired on
@@ -343,6 +349,7 @@ impl EscalateStage {
                 }
             }
             state.closing.retain(|_, (p, _)| !revoked.contains(p));
+            state.restored_to.retain(|p, _| !revoked.contains(p));
             state.closed.retain(|_, (p, _, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
@@ -366,6 +373,7 @@ impl EscalateStage {
             for (partition, restored) in self.restore_all(&state.store, &assigned) {
                 let restored = restored?;
                 let count = restored.records.len();
+                state.restored_to.insert(partition, restored.applied_to);
                 self.join(state, partition, restored);
                 tracing::info!(partition, restored = count, elapsed = ?started.elapsed(), "pending partition restored");
             }
@@ -425,7 +433,7 @@ impl EscalateStage {
         let mut out = Restored::default();
         let records = &mut out.records;
         let closed = &mut out.closed;
-        out.read = read_partition_each(
+        (out.read, out.applied_to) = read_partition_each(
             &self.config,
             &self.config.topics.pending,
             partition,
@@ -533,6 +541,14 @@ impl EscalateStage {
         let Some(payload) = input.payload.as_deref() else {
             return;
         };
+        if state
+            .restored_to
+            .get(&input.partition)
+            .is_some_and(|after| input.offset < *after)
+        {
+            // The restore applied it already.
+            return;
+        }
         // The head first: most records read here are our own writes coming
         // back, or (after a restore) records the restore has already read,
         // and those need no full parse.

@@ -35,7 +35,10 @@ impl ser::Error for EncodeError {
 /// Encodes `value` as compact JSON.
 pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(1024);
-    value.serialize(&mut Encoder { out: &mut out })?;
+    value.serialize(&mut Encoder {
+        out: &mut out,
+        raw: false,
+    })?;
     Ok(out)
 }
 
@@ -64,6 +67,8 @@ impl Serialize for RawInner<'_> {
 
 struct Encoder<'o> {
     out: &'o mut Vec<u8>,
+    /// Set by [`Raw`]'s wrapper for the bytes that follow it.
+    raw: bool,
 }
 
 /// Writes `s` as a JSON string: quotes, and escapes for `"`, `\` and the
@@ -239,9 +244,13 @@ impl<'a, 'o> ser::Serializer for &'a mut Encoder<'o> {
         write_str(self.out, v);
         Ok(())
     }
-    /// As serde_json: an array of numbers. (Inside [`Raw`], the bytes
-    /// themselves; see `serialize_newtype_struct`.)
+    /// As serde_json: an array of numbers. Inside [`Raw`], the bytes
+    /// themselves (see `serialize_newtype_struct`).
     fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+        if self.raw {
+            self.out.extend_from_slice(v);
+            return Ok(());
+        }
         use ser::SerializeSeq;
         let mut seq = self.serialize_seq(Some(v.len()))?;
         for b in v {
@@ -276,7 +285,10 @@ impl<'a, 'o> ser::Serializer for &'a mut Encoder<'o> {
         value: &T,
     ) -> Result<(), EncodeError> {
         if name == RAW {
-            return value.serialize(RawBytes { out: self.out });
+            self.raw = true;
+            let written = value.serialize(&mut *self);
+            self.raw = false;
+            return written;
         }
         value.serialize(self)
     }
@@ -567,139 +579,6 @@ impl ser::Serializer for KeyEncoder<'_> {
         serialize_struct(&'static str, usize) -> Self::SerializeStruct;
         serialize_struct_variant(&'static str, u32, &'static str, usize) -> Self::SerializeStructVariant;
     }
-}
-
-/// Inside [`Raw`]: takes the bytes whole.
-struct RawBytes<'o> {
-    out: &'o mut Vec<u8>,
-}
-
-impl ser::Serializer for RawBytes<'_> {
-    type Ok = ();
-    type Error = EncodeError;
-    type SerializeSeq = ser::Impossible<(), EncodeError>;
-    type SerializeTuple = ser::Impossible<(), EncodeError>;
-    type SerializeTupleStruct = ser::Impossible<(), EncodeError>;
-    type SerializeTupleVariant = ser::Impossible<(), EncodeError>;
-    type SerializeMap = ser::Impossible<(), EncodeError>;
-    type SerializeStruct = ser::Impossible<(), EncodeError>;
-    type SerializeStructVariant = ser::Impossible<(), EncodeError>;
-
-    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
-        self.out.extend_from_slice(v);
-        Ok(())
-    }
-    fn serialize_bool(self, _: bool) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_i8(self, _: i8) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_i16(self, _: i16) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_i32(self, _: i32) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_i64(self, _: i64) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_u8(self, _: u8) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_u16(self, _: u16) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_u32(self, _: u32) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_u64(self, _: u64) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_f32(self, _: f32) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_f64(self, _: f64) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_char(self, _: char) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_str(self, _: &str) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_none(self) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_unit(self) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: &T,
-    ) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> Result<(), EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, EncodeError> {
-        Err(not_raw())
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, EncodeError> {
-        Err(not_raw())
-    }
-}
-
-fn not_raw() -> EncodeError {
-    EncodeError::Custom("only Raw's own bytes may stand for raw JSON".into())
 }
 
 #[cfg(test)]

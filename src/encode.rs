@@ -465,6 +465,16 @@ impl KeyEncoder<'_> {
     }
 }
 
+/// Numbers and booleans as keys: quoted, as serde_json writes them.
+macro_rules! quoted {
+    ($($name:ident($ty:ty)),*) => {
+        $(fn $name(self, v: $ty) -> Result<(), EncodeError> {
+            self.quoted(v)
+        })*
+    };
+}
+
+/// Everything else has no key form.
 macro_rules! refuse {
     ($($name:ident($($arg:ty),*) -> $ret:ty;)*) => {
         $(fn $name(self, $(_: $arg),*) -> Result<$ret, EncodeError> {
@@ -492,38 +502,10 @@ impl ser::Serializer for KeyEncoder<'_> {
         write_str(self.out, v.encode_utf8(&mut [0u8; 4]));
         Ok(())
     }
-    fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_i8(self, v: i8) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_i16(self, v: i16) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_i32(self, v: i32) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_i64(self, v: i64) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_u8(self, v: u8) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_u16(self, v: u16) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_u32(self, v: u32) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_u64(self, v: u64) -> Result<(), EncodeError> {
-        self.quoted(v)
-    }
-    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
-        self.quoted(v)
+    quoted! {
+        serialize_bool(bool), serialize_i8(i8), serialize_i16(i16), serialize_i32(i32),
+        serialize_i64(i64), serialize_i128(i128), serialize_u8(u8), serialize_u16(u16),
+        serialize_u32(u32), serialize_u64(u64), serialize_u128(u128)
     }
     fn serialize_unit_variant(
         self,
@@ -540,22 +522,7 @@ impl ser::Serializer for KeyEncoder<'_> {
     ) -> Result<(), EncodeError> {
         value.serialize(self)
     }
-    fn serialize_f32(self, _: f32) -> Result<(), EncodeError> {
-        Err(EncodeError::KeyMustBeAString)
-    }
-    fn serialize_f64(self, _: f64) -> Result<(), EncodeError> {
-        Err(EncodeError::KeyMustBeAString)
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<(), EncodeError> {
-        Err(EncodeError::KeyMustBeAString)
-    }
-    fn serialize_none(self) -> Result<(), EncodeError> {
-        Err(EncodeError::KeyMustBeAString)
-    }
     fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), EncodeError> {
-        Err(EncodeError::KeyMustBeAString)
-    }
-    fn serialize_unit(self) -> Result<(), EncodeError> {
         Err(EncodeError::KeyMustBeAString)
     }
     fn serialize_unit_struct(self, _: &'static str) -> Result<(), EncodeError> {
@@ -571,6 +538,11 @@ impl ser::Serializer for KeyEncoder<'_> {
         Err(EncodeError::KeyMustBeAString)
     }
     refuse! {
+        serialize_f32(f32) -> ();
+        serialize_f64(f64) -> ();
+        serialize_bytes(&[u8]) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
         serialize_seq(Option<usize>) -> Self::SerializeSeq;
         serialize_tuple(usize) -> Self::SerializeTuple;
         serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct;

@@ -369,13 +369,35 @@ impl EscalateStage {
             .collect();
         if !assigned.is_empty() {
             self.health.set_ready(false, "restoring pending approvals");
+            // The group consumer would fetch these partitions while the
+            // restore reads them too: paused, it fetches nothing until it is
+            // sought to where the restore ended.
+            let mut fresh = TopicPartitionList::new();
+            for (partition, _) in &assigned {
+                fresh.add_partition(pending, *partition);
+            }
+            if let Err(e) = consumer.pause(&fresh) {
+                tracing::warn!(error = %e, "pending partitions not paused for the restore");
+            }
             let started = std::time::Instant::now();
             for (partition, restored) in self.restore_all(&state.store, &assigned) {
                 let restored = restored?;
                 let count = restored.records.len();
+                let committed = assigned
+                    .iter()
+                    .find(|(p, _)| *p == partition)
+                    .map_or(0, |(_, c)| *c);
+                if restored.applied_to > committed {
+                    seek(consumer, pending, partition, restored.applied_to);
+                }
                 state.restored_to.insert(partition, restored.applied_to);
                 self.join(state, partition, restored);
                 tracing::info!(partition, restored = count, elapsed = ?started.elapsed(), "pending partition restored");
+            }
+            if let Err(e) = consumer.resume(&fresh) {
+                return Err(KafkaStageError::Other(format!(
+                    "resuming the restored pending partitions: {e}"
+                )));
             }
             self.publish_counts(state);
         }
@@ -977,6 +999,16 @@ impl EscalateStage {
                 .with_label_values(&[&**lane])
                 .set(*n);
         }
+    }
+}
+
+/// Moves the group consumer's position on a restored partition to where
+/// the restore ended, so it does not read the changelog a second time.
+/// Best effort: if the seek fails, the records before `offset` are read
+/// and skipped by offset instead (`State::restored_to`).
+fn seek(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32, offset: i64) {
+    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+        tracing::warn!(topic, partition, offset, error = %e, "not sought past the restored records; they are read and skipped");
     }
 }
 

@@ -105,8 +105,11 @@ impl TableReader {
             .name(format!("{name}-reader"))
             .spawn(move || {
                 let mut records = 0u64;
+                let mut watch = EndWatch::new(targets);
                 while !stop.load(Ordering::Relaxed) && !halted.load(Ordering::Relaxed) {
-                    match consumer.poll(Duration::from_millis(100)) {
+                    let polled = consumer.poll(Duration::from_millis(100));
+                    watch.polled(polled.as_ref());
+                    match polled {
                         Some(Ok(m)) => {
                             records += 1;
                             apply(m.topic(), m.key().unwrap_or_default(), m.payload());
@@ -114,7 +117,7 @@ impl TableReader {
                         Some(Err(e)) => tracing::warn!(reader = %reader, error = %e, "table reader error"),
                         None => {}
                     }
-                    if !flag.load(Ordering::Relaxed) && reached(&consumer, &targets) {
+                    if !flag.load(Ordering::Relaxed) && watch.reached(&consumer) {
                         tracing::info!(reader = %reader, records, "table caught up");
                         flag.store(true, Ordering::Release);
                     }
@@ -153,9 +156,41 @@ impl Drop for TableReader {
     }
 }
 
+/// Tells when a whole-topic read has reached its ends. Asking librdkafka
+/// for positions is a round trip to its main thread (asked after every
+/// record, it was 40% of a restore's time), so it is asked only when a
+/// record reaches its partition's end or the queue runs dry: the end may
+/// be a transaction marker, which no record reaches.
+pub struct EndWatch {
+    targets: Ends,
+    check: bool,
+}
+
+impl EndWatch {
+    pub fn new(targets: Ends) -> EndWatch {
+        EndWatch { targets, check: true }
+    }
+
+    /// Notes what a poll returned: a record (`Some(Ok)`), an error, or
+    /// nothing.
+    pub fn polled<M: Message>(&mut self, polled: Option<&Result<M, rdkafka::error::KafkaError>>) {
+        self.check |= match polled {
+            Some(Ok(m)) => self.targets.iter().any(|(topic, partition, end)| {
+                *partition == m.partition() && m.offset() + 1 >= *end && topic == m.topic()
+            }),
+            Some(Err(_)) | None => true,
+        };
+    }
+
+    /// Whether every partition's position has reached its end.
+    pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
+        std::mem::take(&mut self.check) && reached(consumer, &self.targets)
+    }
+}
+
 /// Positions (which step over transaction markers, unlike the offsets of
 /// records) have reached every start-time high watermark.
-pub(crate) fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
+fn reached(consumer: &BaseConsumer, targets: &[(String, i32, i64)]) -> bool {
     let Ok(positions) = consumer.position() else {
         return false;
     };
@@ -280,30 +315,20 @@ fn read_each(
         return Ok(());
     }
     let deadline = std::time::Instant::now() + limit;
-    // Asking for positions is a round trip to librdkafka's main thread
-    // (it was 40% of a restore's time when asked after every record), so
-    // it is asked only when a record reaches a partition's end or the
-    // queue runs dry (the end may be a transaction marker, never a record).
-    let mut check = true;
-    while !(check && reached(consumer, &targets)) {
+    let mut watch = EndWatch::new(targets);
+    while !watch.reached(consumer) {
         if std::time::Instant::now() >= deadline {
             return Err(KafkaStageError::Other(format!(
                 "reading {topics:?} did not reach the end within {limit:?}"
             )));
         }
-        check = match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                each(&m);
-                targets.iter().any(|(topic, partition, end)| {
-                    *partition == m.partition() && m.offset() + 1 >= *end && topic == m.topic()
-                })
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "reader error");
-                true
-            }
-            None => true,
-        };
+        let polled = consumer.poll(Duration::from_millis(100));
+        watch.polled(polled.as_ref());
+        match polled {
+            Some(Ok(m)) => each(&m),
+            Some(Err(e)) => tracing::warn!(error = %e, "reader error"),
+            None => {}
+        }
     }
     Ok(())
 }

@@ -100,7 +100,8 @@ pub fn run(
     };
 
     let deadline = Instant::now() + CATCH_UP;
-    while !crate::changelog::reached(&consumer, &targets) && !stop.load(Ordering::Relaxed) {
+    let mut watch = crate::changelog::EndWatch::new(targets);
+    while !watch.reached(&consumer) && !stop.load(Ordering::Relaxed) {
         if Instant::now() >= deadline {
             tracing::warn!(
                 limit = ?CATCH_UP,
@@ -108,7 +109,9 @@ pub fn run(
             );
             break;
         }
-        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        watch.polled(polled.as_ref());
+        if let Some(result) = polled {
             take(result, options, &mut inbox);
         }
     }

@@ -33,7 +33,7 @@ use crate::decision::Decision;
 use crate::decode::SchemaSource;
 use crate::dlq::{self, Failed};
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
-use crate::held::{Head, Held, Store};
+use crate::held::{Approvals, ById, Head, Held, Store};
 use crate::http::Health;
 use crate::kafka::{KafkaStageError, escalation_consumer_config};
 use crate::metrics::Metrics;
@@ -66,7 +66,7 @@ struct State {
     store: Arc<Store>,
     /// action_id → the approval, held compactly ([`Held`]). The key is the
     /// one copy of the id, shared by the approval's timers.
-    records: HashMap<Arc<str>, Held>,
+    records: Approvals,
     timers: Timers,
     /// Pending partitions restored and held.
     partitions: BTreeSet<i32>,
@@ -76,12 +76,12 @@ struct State {
     /// yet: action_id → (partition, closing revision). Until it is, older
     /// records of ours still on their way back must not bring the approval
     /// back to life.
-    closing: HashMap<Arc<str>, (i32, u64)>,
+    closing: ById<(i32, u64)>,
     /// Closed actions whose record is still in the changelog: action_id →
     /// (partition, closing revision, when it is tombstoned). Older records
     /// of theirs read again (the group consumer replays from its committed
     /// offset after a restore) are ignored.
-    closed: HashMap<Arc<str>, (i32, u64, DateTime<Utc>)>,
+    closed: ById<(i32, u64, DateTime<Utc>)>,
     /// Undecided lanes of open approvals held, per lane: kept exact by
     /// adjusting it with every change rather than counting all state.
     open: HashMap<Arc<str>, i64>,
@@ -152,12 +152,43 @@ fn undecided(record: &OwnedPendingRecord) -> impl Iterator<Item = &str> {
 /// What one partition's changelog restored, before it joins the state.
 #[derive(Default)]
 struct Restored {
-    records: HashMap<Arc<str>, Held>,
+    records: ById<Held>,
     /// Closed actions: action_id → (closing revision, when to tombstone).
-    closed: HashMap<Arc<str>, (u64, DateTime<Utc>)>,
+    closed: ById<(u64, DateTime<Utc>)>,
     read: u64,
     /// The offset after the last record applied (see `State::restored_to`).
     applied_to: i64,
+    /// The timers of `records` and `closed`, and the undecided lanes of
+    /// `records` per lane: worked out on the restoring thread, so joining
+    /// the state only moves them.
+    timers: Timers,
+    open: HashMap<Arc<str>, i64>,
+}
+
+impl Restored {
+    /// Works out the timers and lane counts of what was read.
+    fn schedule(&mut self) {
+        let mut open: HashMap<Arc<str>, i64> = HashMap::new();
+        let mut timers = Vec::with_capacity(self.records.len() + self.closed.len());
+        for (id, held) in &self.records {
+            for lane in held.undecided() {
+                match open.get_mut(lane) {
+                    Some(n) => *n += 1,
+                    None => {
+                        open.insert(lane.clone(), 1);
+                    }
+                }
+            }
+            if held.status == Status::Open {
+                timers.extend(Timer::of_clocks(id, held.lanes.iter().map(|l| l.clock)));
+            }
+        }
+        for (id, (_, at)) in &self.closed {
+            timers.push(Timer::purge(id, *at));
+        }
+        self.timers = timers.into_iter().collect();
+        self.open = open;
+    }
 }
 
 /// Bursts of at least this many actions falling due at once are fired on
@@ -337,14 +368,8 @@ impl EscalateStage {
         }
         let revoked: Vec<i32> = state.partitions.difference(&held).copied().collect();
         if !revoked.is_empty() {
-            let dropped: Vec<Arc<str>> = state
-                .records
-                .iter()
-                .filter(|(_, h)| revoked.contains(&h.partition))
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &dropped {
-                if let Some(held) = state.records.remove(id) {
+            for partition in &revoked {
+                for held in state.records.leave(*partition).into_values() {
                     state.count(held.undecided().map(|l| &**l), -1);
                 }
             }
@@ -353,7 +378,7 @@ impl EscalateStage {
             state.closed.retain(|_, (p, _, _)| !revoked.contains(p));
             state.to_allow.retain(|id| state.records.contains_key(id));
             state.timers.clear();
-            for (id, held) in &state.records {
+            for (id, held) in state.records.iter() {
                 state
                     .timers
                     .schedule_clocks(id, held.lanes.iter().map(|l| l.clock));
@@ -408,7 +433,9 @@ impl EscalateStage {
 
     /// Restores `assigned` (partition, committed offset) in parallel, a
     /// few partitions at a time: reading and compressing a changelog
-    /// partition keeps a core busy, and partitions are independent.
+    /// partition keeps a core busy, and partitions are independent. At
+    /// least four at once even on fewer cores: with one thread per core, 3
+    /// partitions on 2 cores took two rounds, the second on one core.
     fn restore_all(
         &self,
         store: &Arc<Store>,
@@ -416,7 +443,8 @@ impl EscalateStage {
     ) -> Vec<(i32, Result<Restored, KafkaStageError>)> {
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
-            .clamp(1, assigned.len().max(1));
+            .max(4)
+            .min(assigned.len().max(1));
         let next = AtomicUsize::new(0);
         let mut out: Vec<(i32, Result<Restored, KafkaStageError>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
@@ -503,28 +531,31 @@ impl EscalateStage {
                 }
             },
         )?;
+        out.schedule();
         Ok(out)
     }
 
     /// Adds a restored partition to the state: counts, timers, allowed
     /// actions still to close.
-    fn join(&self, state: &mut State, partition: i32, restored: Restored) {
-        state.records.reserve(restored.records.len());
-        for (id, held) in restored.records {
-            state.count(held.undecided().map(|l| &**l), 1);
-            match held.status {
-                Status::Open => state
-                    .timers
-                    .schedule_clocks(&id, held.lanes.iter().map(|l| l.clock)),
-                Status::Allowed => state.to_allow.push(id.clone()),
-                Status::Closed => {}
-            }
-            state.records.insert(id, held);
+    fn join(&self, state: &mut State, partition: i32, mut restored: Restored) {
+        state.timers.append(&mut restored.timers);
+        for (lane, n) in restored.open {
+            *state.open.entry(lane).or_default() += n;
         }
-        for (id, (revision, at)) in restored.closed {
-            state.timers.schedule_purge(&id, at);
-            state.closed.insert(id, (partition, revision, at));
-        }
+        state.to_allow.extend(
+            restored
+                .records
+                .iter()
+                .filter(|(_, held)| held.status == Status::Allowed)
+                .map(|(id, _)| id.clone()),
+        );
+        state.records.join(partition, restored.records);
+        state.closed.extend(
+            restored
+                .closed
+                .into_iter()
+                .map(|(id, (revision, at))| (id, (partition, revision, at))),
+        );
     }
 
     /// The newest revision of an action as this batch sees it.

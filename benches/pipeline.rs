@@ -972,14 +972,32 @@ fn load_pending(bootstrap: &str, topic: &str, k: usize, due: DateTime<Utc>, pref
     let hit = routing.lanes.first().expect("the bench action needs review");
     let lane = &matrix.lanes[hit.lane];
     let packet = switchboard::packet::for_lane(&input, hit);
-    let template = serde_json::json!({
-        "action_id": "ACTION_ID", "status": "open", "revision": 0,
-        "matrix_version": matrix.version, "occurred_at": action.occurred_at, "routed_at": Utc::now(),
-        "lanes": [{"lane": lane.name, "level": 0, "role": lane.owner, "assignee": lane.owner,
-                   "roster": lane.roster, "topic": lane.topic, "sla_due": due}],
-        "packets": [packet],
+    // Serialized as the route stage writes it (its field order matters:
+    // the restore reads a record's head up to its packets).
+    use std::borrow::Cow;
+    let template = serde_json::to_string(&switchboard::pending::PendingRecord {
+        action_id: Cow::Borrowed("ACTION_ID"),
+        status: switchboard::pending::Status::Open,
+        revision: 0,
+        matrix_version: Cow::Borrowed(&matrix.version),
+        occurred_at: action.occurred_at,
+        routed_at: Utc::now(),
+        lanes: vec![switchboard::pending::LaneState {
+            lane: Cow::Borrowed(&lane.name),
+            level: 0,
+            role: Cow::Borrowed(&lane.owner),
+            assignee: Cow::Borrowed(&lane.owner),
+            roster: Cow::Borrowed(&lane.roster),
+            topic: Cow::Borrowed(&lane.topic),
+            sla_due: due,
+            remind_at: None,
+            verdict: None,
+        }],
+        packets: vec![packet],
+        outcome: None,
+        closed_at: None,
     })
-    .to_string();
+    .expect("a pending record serializes");
     let original_id = action.action_id.to_string();
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)

@@ -153,7 +153,7 @@ mod tests {
             format!(
                 r#"{{"packets":[{{}}],"status":"open","revision":1,"routed_at":"2026-01-01T00:00:01Z","lanes":{LANES}}}"#
             ),
-            format!(r#"{{"status":"allowed","revision":0,"routed_at":"2026-01-01T00:00:01Z","lanes":[]}}"#),
+            r#"{"status":"allowed","revision":0,"routed_at":"2026-01-01T00:00:01Z","lanes":[]}"#.to_string(),
         ] {
             let head = Head::parse(record.as_bytes()).unwrap();
             same(&head, &whole(record.as_bytes()));

@@ -99,7 +99,7 @@ impl State {
             if self.purge_is_due(timer) {
                 self.timers.schedule_purge(&timer.action_id, timer.due);
             }
-        } else if let Some((id, held)) = self.records.get_key_value(&*timer.action_id)
+        } else if let Some((id, held)) = self.records.get_key_value(&timer.action_id)
             && held.is_current(timer, now)
         {
             self.timers
@@ -109,7 +109,7 @@ impl State {
 
     /// Whether a purge timer still names a closed action held here.
     fn purge_is_due(&self, timer: &Timer) -> bool {
-        !self.records.contains_key(&*timer.action_id)
+        !self.records.contains_key(&timer.action_id)
             && self
                 .closed
                 .get(&*timer.action_id)
@@ -990,7 +990,7 @@ impl EscalateStage {
                 continue;
             }
             let key = state.key(&id);
-            if let Some(old) = state.records.remove(&*key) {
+            if let Some(old) = state.records.remove(&key) {
                 state.count(old.undecided().map(|l| &**l), -1);
             }
             state.count(undecided(&record), 1);

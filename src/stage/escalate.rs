@@ -214,12 +214,19 @@ struct Prepared {
     staged: Staged,
 }
 
-/// A record changed by the batch: the new state and its changelog JSON
-/// (what memory will hold once the batch is durable).
+/// A record changed by the batch: the new state and what memory will
+/// hold once the batch is durable: the approval already held (compressed
+/// where the change was worked out, on every core for a burst of timers),
+/// or its changelog JSON to hold then.
 struct Staged {
     partition: i32,
     record: OwnedPendingRecord,
-    bytes: Vec<u8>,
+    hold: Hold,
+}
+
+enum Hold {
+    Ready(Held),
+    Bytes(Vec<u8>),
 }
 
 /// What one batch will change once durable.
@@ -648,13 +655,13 @@ impl EscalateStage {
                     Staged {
                         partition: input.partition,
                         record,
-                        bytes: payload.to_vec(),
+                        hold: Hold::Bytes(payload.to_vec()),
                     },
                 );
             }
             Status::Allowed => {
                 let effects = escalation::allow(&record, now);
-                self.stage(work, input.partition, effects);
+                self.stage(&state.store, work, input.partition, effects);
             }
         }
     }
@@ -710,7 +717,7 @@ impl EscalateStage {
                     decision.verdict.as_str().to_string(),
                     latency,
                 ));
-                self.stage(work, partition, effects);
+                self.stage(&state.store, work, partition, effects);
             }
             Err(refusal) => refuse(
                 work,
@@ -735,7 +742,7 @@ impl EscalateStage {
                 _ => None,
             };
             if let Some((partition, effects)) = effects {
-                self.stage(work, partition, effects);
+                self.stage(&state.store, work, partition, effects);
             }
         }
     }
@@ -796,7 +803,7 @@ impl EscalateStage {
                 } else {
                     escalation::fire(&record, timer.lane, &matrix, now)
                 };
-                if let Some(prepared) = self.prepare(partition, effects) {
+                if let Some(prepared) = self.prepare(&state.store, partition, effects) {
                     out.push(prepared);
                 }
             }
@@ -853,15 +860,15 @@ impl EscalateStage {
     }
 
     /// Turns effects into outputs and a staged record.
-    fn stage(&self, work: &mut Work, partition: i32, effects: Effects) {
-        if let Some(prepared) = self.prepare(partition, effects) {
+    fn stage(&self, store: &Store, work: &mut Work, partition: i32, effects: Effects) {
+        if let Some(prepared) = self.prepare(store, partition, effects) {
             self.apply(work, prepared);
         }
     }
 
     /// Serializes what a change writes (the pure, costly half of staging,
     /// safe to run on any thread).
-    fn prepare(&self, partition: i32, effects: Effects) -> Option<Prepared> {
+    fn prepare(&self, store: &Store, partition: i32, effects: Effects) -> Option<Prepared> {
         let topics = &self.config.topics;
         let key = effects.record.action_id.as_bytes().to_vec();
         let mut outputs = Vec::with_capacity(effects.packets.len() + 2);
@@ -905,10 +912,19 @@ impl EscalateStage {
                 return None;
             }
         };
+        // Held now, on whichever thread works the change out; should that
+        // fail, holding is tried again (and the error logged) once durable.
+        let hold = match effects.record.status {
+            Status::Closed => Hold::Bytes(Vec::new()),
+            _ => match Held::from_record(store, partition, &effects.record, &bytes) {
+                Ok(held) => Hold::Ready(held),
+                Err(_) => Hold::Bytes(bytes.clone()),
+            },
+        };
         outputs.push(Output {
             topic: topics.pending.clone(),
             key: Some(key),
-            payload: Some(bytes.clone()),
+            payload: Some(bytes),
             headers: Vec::new(),
         });
         Some(Prepared {
@@ -921,7 +937,7 @@ impl EscalateStage {
             staged: Staged {
                 partition,
                 record: effects.record,
-                bytes,
+                hold,
             },
         })
     }
@@ -984,7 +1000,7 @@ impl EscalateStage {
             let Staged {
                 partition,
                 record,
-                bytes,
+                hold,
             } = staged;
             if !state.partitions.contains(&partition) {
                 continue;
@@ -1003,7 +1019,11 @@ impl EscalateStage {
                 state.closed.insert(key.clone(), (partition, record.revision, at));
                 state.closing.insert(key, (partition, record.revision));
             } else {
-                match Held::from_record(&state.store, partition, &record, &bytes) {
+                let held = match hold {
+                    Hold::Ready(held) => Ok(held),
+                    Hold::Bytes(bytes) => Held::from_record(&state.store, partition, &record, &bytes),
+                };
+                match held {
                     Ok(held) => {
                         state
                             .timers

@@ -152,7 +152,7 @@ impl RouteStage {
             let matrix = self.matrix.current();
             let started = Instant::now();
             let handled = self.handle_batch(&batch, &matrix, self.clock.now());
-            let (outputs, fresh, counts) = self.assemble(handled, &mut HashSet::new());
+            let (outputs, fresh, counts) = self.assemble(handled, &mut InFlightIds::default());
             let offsets = next_offsets(&batch);
             match sink.write(&outputs, &offsets, consumer, stop) {
                 Ok(()) => {
@@ -215,7 +215,7 @@ impl RouteStage {
             })));
         }
         // Action ids of the batches in flight.
-        let mut in_flight: HashSet<String> = HashSet::new();
+        let mut in_flight = InFlightIds::default();
         let mut summary = RouteSummary::default();
         loop {
             let (completed, abandoned) = {
@@ -292,7 +292,7 @@ impl RouteStage {
         consumer: &BaseConsumer<StageContext>,
         completed: Vec<(InFlightBatch, usize)>,
         abandoned: Vec<InFlightBatch>,
-        in_flight: &mut HashSet<String>,
+        in_flight: &mut InFlightIds,
         summary: &mut RouteSummary,
     ) {
         for (done, records) in completed {
@@ -552,7 +552,7 @@ impl RouteStage {
     fn assemble(
         &self,
         handled: Vec<Handled>,
-        in_flight: &mut HashSet<String>,
+        in_flight: &mut InFlightIds,
     ) -> (Vec<Output>, Vec<Routed>, Counts) {
         let mut outputs = Vec::with_capacity(handled.len() * 3);
         let mut fresh: Vec<Routed> = Vec::with_capacity(handled.len());
@@ -620,6 +620,10 @@ const PARALLEL_FROM: usize = 32;
 /// steadily at 16,000/s, where batches are small: p50 latency 1.3 s with
 /// 4 in flight, 0.44 s with 16, 0.42 s with 64; bulk throughput alike.
 const MAX_IN_FLIGHT: usize = 16;
+
+/// Action ids of the batches in flight (agents' ids: a seeded hasher, as
+/// the seen index's).
+type InFlightIds = HashSet<String, foldhash::fast::RandomState>;
 
 /// How long a revocation (or a stop) waits for the batches in flight
 /// before giving up on them: well inside the group's max.poll.interval.ms.

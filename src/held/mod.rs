@@ -141,25 +141,15 @@ impl Held {
         head: &Head<'_>,
         bytes: &[u8],
     ) -> Result<Held, HeldError> {
-        let shape = head.lanes.first().map_or("", |l| &l.lane);
-        Ok(Held {
-            partition,
-            revision: head.revision,
-            status: head.status,
-            lanes: head
-                .lanes
-                .iter()
-                .map(|l| HeldLane {
-                    lane: store.intern(&l.lane),
-                    clock: LaneClock {
-                        sla_due: l.sla_due,
-                        remind_at: l.remind_at,
-                        decided: l.verdict.is_some(),
-                    },
-                })
-                .collect(),
-            blob: store.pack(shape, bytes)?,
-        })
+        let lanes = head.lanes.iter().map(|l| {
+            let clock = LaneClock {
+                sla_due: l.sla_due,
+                remind_at: l.remind_at,
+                decided: l.verdict.is_some(),
+            };
+            (&*l.lane, clock)
+        });
+        Held::hold(store, partition, head.revision, head.status, lanes, bytes)
     }
 
     /// Holds `record`, whose changelog JSON is `bytes`.
@@ -169,20 +159,33 @@ impl Held {
         record: &OwnedPendingRecord,
         bytes: &[u8],
     ) -> Result<Held, HeldError> {
-        let shape = record.lanes.first().map_or("", |l| &*l.lane);
+        let lanes = record.lanes.iter().map(|l| (&*l.lane, LaneClock::of(l)));
+        Held::hold(store, partition, record.revision, record.status, lanes, bytes)
+    }
+
+    /// The one way an approval is held: lane names interned, the bytes
+    /// compressed against the dictionary of the first lane's records.
+    fn hold<'l>(
+        store: &Store,
+        partition: i32,
+        revision: u64,
+        status: Status,
+        lanes: impl Iterator<Item = (&'l str, LaneClock)>,
+        bytes: &[u8],
+    ) -> Result<Held, HeldError> {
+        let lanes: Box<[HeldLane]> = lanes
+            .map(|(lane, clock)| HeldLane {
+                lane: store.intern(lane),
+                clock,
+            })
+            .collect();
+        let blob = store.pack(lanes.first().map_or("", |l| &*l.lane), bytes)?;
         Ok(Held {
             partition,
-            revision: record.revision,
-            status: record.status,
-            lanes: record
-                .lanes
-                .iter()
-                .map(|l| HeldLane {
-                    lane: store.intern(&l.lane),
-                    clock: LaneClock::of(l),
-                })
-                .collect(),
-            blob: store.pack(shape, bytes)?,
+            revision,
+            status,
+            lanes,
+            blob,
         })
     }
 

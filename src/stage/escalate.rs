@@ -86,8 +86,9 @@ struct State {
     /// adjusting it with every change rather than counting all state.
     open: HashMap<Arc<str>, i64>,
     /// Per restored partition, the offset after the last record the restore
-    /// applied: the group consumer, which replays from its committed offset,
-    /// skips what lies before it without parsing it again.
+    /// applied. The group consumer is sought there after a restore; should
+    /// the seek fail, it replays from its committed offset and skips what
+    /// lies before it without parsing it again.
     restored_to: HashMap<i32, i64>,
 }
 

@@ -321,7 +321,7 @@ impl RouteStage {
             "pending",
             vec![self.config.topics.pending.clone()],
             Box::new(move |_, key, value| match (std::str::from_utf8(key), value) {
-                (Ok(id), Some(_)) => seen.insert(id.to_string()),
+                (Ok(id), Some(_)) => seen.note(id),
                 (Ok(id), None) => seen.remove(id),
                 _ => {}
             }),

@@ -90,7 +90,26 @@ pub struct LaneState<'a> {
     pub verdict: Option<LaneVerdict>,
 }
 
-impl LaneState<'_> {
+impl<'a> LaneState<'a> {
+    /// A lane as routing opens it: level 0, asking the lane's owner.
+    pub fn opened(
+        lane: &'a crate::matrix::Lane,
+        sla_due: DateTime<Utc>,
+        remind_at: Option<DateTime<Utc>>,
+    ) -> LaneState<'a> {
+        LaneState {
+            lane: Cow::Borrowed(&lane.name),
+            level: 0,
+            role: Cow::Borrowed(&lane.owner),
+            assignee: Cow::Borrowed(&lane.owner),
+            roster: Cow::Borrowed(&lane.roster),
+            topic: Cow::Borrowed(&lane.topic),
+            sla_due,
+            remind_at,
+            verdict: None,
+        }
+    }
+
     /// Whether `approver` may decide at this lane's current level.
     pub fn may_decide(&self, approver: &str) -> bool {
         self.roster.iter().any(|p| p == approver) || (self.assignee != self.role && self.assignee == approver)

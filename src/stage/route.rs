@@ -461,20 +461,11 @@ impl RouteStage {
             let sla_due = packet
                 .sla_due
                 .unwrap_or_else(|| packet::sla_due(&action, lane.sla));
-            lanes.push(LaneState {
-                lane: Cow::Borrowed(&lane.name),
-                level: 0,
-                role: Cow::Borrowed(&lane.owner),
-                assignee: Cow::Borrowed(&lane.owner),
-                roster: Cow::Borrowed(&lane.roster),
-                topic: Cow::Borrowed(&lane.topic),
-                sla_due,
-                remind_at: lane
-                    .remind
-                    .and_then(|share| share.of_window(action.occurred_at, sla_due))
-                    .filter(|at| *at > now),
-                verdict: None,
-            });
+            let remind_at = lane
+                .remind
+                .and_then(|share| share.of_window(action.occurred_at, sla_due))
+                .filter(|at| *at > now);
+            lanes.push(LaneState::opened(lane, sla_due, remind_at));
         }
         let status = if routing.review() {
             Status::Open

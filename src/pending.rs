@@ -45,7 +45,8 @@ pub struct PendingRecord<'a, P = ApprovalRequest<'a>> {
     pub routed_at: DateTime<Utc>,
     /// One state per review lane, in lane order.
     pub lanes: Vec<LaneState<'a>>,
-    /// The level-0 packet of each review lane, in the same order (none once closed).
+    /// The level-0 packet of each review lane, in the same order (none for
+    /// an allowed action, none once closed).
     #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
     pub packets: Vec<P>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -467,18 +467,17 @@ impl RouteStage {
                 .filter(|at| *at > now);
             lanes.push(LaneState::opened(lane, sla_due, remind_at));
         }
-        let status = if routing.review() {
-            Status::Open
-        } else {
-            match encode::to_vec(&packet::allowed(&input)) {
-                Ok(bytes) => packets.push((&self.config.topics.allowed, bytes)),
-                Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
-            }
-            Status::Allowed
-        };
+        // The pending record carries the review lanes' packets, which
+        // escalations are built from; an allowed action's packet is never
+        // needed again (its outcome is `approved` with no verdicts), so it
+        // goes to its topic only.
         let pending = PendingRecord {
             action_id: Cow::Borrowed(&action.action_id),
-            status,
+            status: if routing.review() {
+                Status::Open
+            } else {
+                Status::Allowed
+            },
             revision: 0,
             matrix_version: Cow::Borrowed(&matrix.version),
             occurred_at: action.occurred_at,
@@ -492,6 +491,12 @@ impl RouteStage {
             Ok(bytes) => bytes,
             Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
         };
+        if !routing.review() {
+            match encode::to_vec(&packet::allowed(&input)) {
+                Ok(bytes) => packets.push((&self.config.topics.allowed, bytes)),
+                Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
+            }
+        }
         let key = action.action_id.as_bytes().to_vec();
         let mut outputs = Vec::with_capacity(packets.len() + 1);
         for (topic, bytes) in packets {

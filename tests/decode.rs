@@ -172,6 +172,29 @@ fn full_event_serializes_back_to_the_same_json() {
     assert_eq!(again, a);
 }
 
+/// Text without escapes is read in place from the record, not copied (the
+/// route stage decodes every action; a copy per field was an allocation
+/// per field); text with escapes is unescaped into a copy.
+#[test]
+fn text_is_borrowed_from_the_record_unless_it_has_escapes() {
+    use std::borrow::Cow;
+    let mut v = full();
+    v["summary"] = json!("Refund \"order\" 42");
+    let bytes = v.to_string().into_bytes();
+    let action = decoder().decode(&bytes).unwrap();
+    let borrowed = |text: &Cow<'_, str>| matches!(text, Cow::Borrowed(_));
+    assert!(borrowed(&action.action_id));
+    assert!(borrowed(&action.agent_id));
+    assert!(borrowed(&action.kind));
+    assert!(action.target.system.as_ref().is_some_and(borrowed));
+    assert!(action.signals.destination.as_ref().is_some_and(borrowed));
+    assert!(!action.signals.permissions.is_empty());
+    assert!(action.signals.permissions.iter().all(borrowed));
+    assert!(action.payload.as_ref().is_some_and(borrowed));
+    assert!(!borrowed(&action.summary), "unescaped into a copy");
+    assert_eq!(action.summary, "Refund \"order\" 42");
+}
+
 #[test]
 fn minimal_event_has_no_optional_fields() {
     let a = decode_json(&minimal()).unwrap();

@@ -17,28 +17,31 @@ use super::DecodeError;
 use crate::action::{AgentAction, Audience, DataClassification, Environment, Signals, Target};
 
 type Text<'a> = Option<Cow<'a, str>>;
+/// A text field as read: [`Str`], since serde's `borrow` does not reach
+/// through an `Option` (an `Option<Cow<str>>` field is always copied).
+type WireText<'a> = Option<Str<'a>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireAction<'a> {
     #[serde(borrow, default)]
-    action_id: Text<'a>,
+    action_id: WireText<'a>,
     #[serde(borrow, default)]
-    occurred_at: Text<'a>,
+    occurred_at: WireText<'a>,
     #[serde(borrow, default)]
-    agent_id: Text<'a>,
+    agent_id: WireText<'a>,
     #[serde(borrow, default)]
-    fleet: Text<'a>,
+    fleet: WireText<'a>,
     #[serde(borrow, default)]
-    tenant: Text<'a>,
+    tenant: WireText<'a>,
     #[serde(borrow, default)]
-    run_id: Text<'a>,
+    run_id: WireText<'a>,
     #[serde(borrow, default)]
-    kind: Text<'a>,
+    kind: WireText<'a>,
     #[serde(borrow, default)]
-    summary: Text<'a>,
+    summary: WireText<'a>,
     #[serde(borrow, default)]
-    reason: Text<'a>,
+    reason: WireText<'a>,
     #[serde(borrow, default)]
     target: Option<WireTarget<'a>>,
     #[serde(borrow, default)]
@@ -46,7 +49,7 @@ struct WireAction<'a> {
     #[serde(borrow, default)]
     attributes: Option<Attributes<'a>>,
     #[serde(borrow, default)]
-    payload: Text<'a>,
+    payload: WireText<'a>,
 }
 
 /// `attributes`, refusing a key given twice: serde's maps keep the last
@@ -115,52 +118,52 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 #[serde(deny_unknown_fields)]
 struct WireTarget<'a> {
     #[serde(borrow, default)]
-    system: Text<'a>,
+    system: WireText<'a>,
     #[serde(borrow, default)]
-    resource: Text<'a>,
+    resource: WireText<'a>,
     #[serde(borrow, default)]
-    account_id: Text<'a>,
+    account_id: WireText<'a>,
     #[serde(borrow, default)]
-    environment: Text<'a>,
+    environment: WireText<'a>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireSignals<'a> {
     #[serde(borrow, default)]
-    data_classification: Text<'a>,
+    data_classification: WireText<'a>,
     #[serde(borrow, default)]
     amount: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    currency: Text<'a>,
+    currency: WireText<'a>,
     #[serde(default)]
     recipient_count: Option<u64>,
     #[serde(borrow, default)]
-    audience: Text<'a>,
+    audience: WireText<'a>,
     #[serde(default)]
     reversible: Option<bool>,
     #[serde(borrow, default)]
-    rollback_path: Text<'a>,
+    rollback_path: WireText<'a>,
     #[serde(borrow, default)]
-    blast_radius: Text<'a>,
+    blast_radius: WireText<'a>,
     #[serde(borrow, default)]
-    scope: Text<'a>,
+    scope: WireText<'a>,
     #[serde(borrow, default)]
-    destination: Text<'a>,
+    destination: WireText<'a>,
     #[serde(borrow, default)]
-    retention: Text<'a>,
+    retention: WireText<'a>,
     #[serde(borrow, default)]
-    incident_id: Text<'a>,
+    incident_id: WireText<'a>,
     #[serde(borrow, default)]
-    impact: Text<'a>,
+    impact: WireText<'a>,
     #[serde(borrow, default)]
-    alternatives: Text<'a>,
+    alternatives: WireText<'a>,
     #[serde(borrow, default)]
-    promises: Text<'a>,
+    promises: WireText<'a>,
     #[serde(borrow, default)]
-    permissions: Option<Vec<Cow<'a, str>>>,
+    permissions: Option<Vec<Str<'a>>>,
     #[serde(borrow, default)]
-    deadline: Text<'a>,
+    deadline: WireText<'a>,
     #[serde(borrow, default)]
     confidence: Option<&'a RawValue>,
 }
@@ -303,7 +306,10 @@ fn validate_signals(w: WireSignals<'_>) -> Result<Signals<'_>, DecodeError> {
         impact: optional(w.impact),
         alternatives: optional(w.alternatives),
         promises: optional(w.promises),
-        permissions: w.permissions.unwrap_or_default(),
+        permissions: w
+            .permissions
+            .map(|p| p.into_iter().map(|s| s.0).collect())
+            .unwrap_or_default(),
         deadline: optional(w.deadline)
             .map(|d| timestamp(&d, "signals.deadline"))
             .transpose()?,
@@ -311,8 +317,8 @@ fn validate_signals(w: WireSignals<'_>) -> Result<Signals<'_>, DecodeError> {
     })
 }
 
-fn required<'a>(value: Text<'a>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
-    match value {
+fn required<'a>(value: WireText<'a>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
+    match value.map(|s| s.0) {
         None => Err(DecodeError::field(field, "is required")),
         Some(v) if blank(&v) => Err(DecodeError::field(field, "must not be empty")),
         Some(v) => Ok(v),
@@ -321,8 +327,8 @@ fn required<'a>(value: Text<'a>, field: &str) -> Result<Cow<'a, str>, DecodeErro
 
 /// An empty optional string carries nothing, so it is treated as absent:
 /// `destination: ""` must not count as "the data leaves".
-fn optional(value: Text<'_>) -> Text<'_> {
-    value.filter(|v| !blank(v))
+fn optional(value: WireText<'_>) -> Text<'_> {
+    value.map(|s| s.0).filter(|v| !blank(v))
 }
 
 /// Empty or only whitespace; the first byte settles it for almost every
@@ -355,7 +361,7 @@ fn kind(kind: Cow<'_, str>) -> Result<Cow<'_, str>, DecodeError> {
 }
 
 fn vocabulary<T>(
-    value: Text<'_>,
+    value: WireText<'_>,
     field: &str,
     parse: fn(&str) -> Option<T>,
     names: &[&str],

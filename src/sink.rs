@@ -25,6 +25,9 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use crate::config::{Config, Guarantee};
 use crate::kafka::producer_config;
 
+/// How long [`Sink::warm_up`] may take in all.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
+
 /// One record to write. `payload: None` is a tombstone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
@@ -220,6 +223,24 @@ impl Sink {
     }
 
     /// Reports readiness into `health`: unready while outputs are retried.
+    /// Learns where `topics`' partitions are before the first batch. The
+    /// producer otherwise asks per topic on its first record there, and
+    /// holds that record until the answer comes: with a lane topic or two
+    /// first met in each early batch, a started stage wrote nothing durable
+    /// for most of a second. A topic that cannot be looked up now is left
+    /// to the first record: the look-ups stop at the first that fails (a
+    /// broker away at start-up costs one [`WARM_UP_LIMIT`], not one per topic).
+    pub fn warm_up<'t>(&self, topics: impl IntoIterator<Item = &'t str>) {
+        let deadline = Instant::now() + WARM_UP_LIMIT;
+        for topic in topics {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(error) = self.producer.client().fetch_metadata(Some(topic), left) {
+                tracing::info!(%topic, %error, "output topics not looked up ahead of their first records");
+                return;
+            }
+        }
+    }
+
     pub fn with_health(mut self, health: crate::http::Health) -> Sink {
         self.health = Some(health);
         self

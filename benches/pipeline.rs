@@ -33,6 +33,10 @@
 //! step's offered rate when the route step is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
 //! if any step does not finish.
+//!
+//! Environment: `BENCH_PROGRESS=1` prints how many actions the route stage
+//! committed in each 250 ms (a steady run tells from one with stalls);
+//! `BENCH_STAGE_LOG` (a `RUST_LOG` filter) shows the stages' own logs.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -122,6 +126,15 @@ struct Row {
 
 fn main() {
     let args = Args::parse();
+    // The in-process route stage logs too when BENCH_STAGE_LOG asks.
+    if let Ok(filter) = std::env::var("BENCH_STAGE_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_ansi(false)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -657,7 +670,14 @@ fn run_route(runtime: &tokio::runtime::Runtime, mut config: Config, n: usize) ->
     }
     let started = Instant::now();
     let consumed = || metrics.events_consumed_total.with_label_values(&[&input]).get();
+    // BENCH_PROGRESS=1: actions committed in each 250 ms, to tell a steady
+    // run from one with stalls.
+    let progress = std::env::var_os("BENCH_PROGRESS").is_some();
+    let mut marks: Vec<u64> = Vec::new();
     while consumed() < n as u64 {
+        if progress && started.elapsed() >= Duration::from_millis(250) * marks.len() as u32 {
+            marks.push(consumed());
+        }
         assert!(
             !handle.is_finished() || consumed() >= n as u64,
             "the route stage stopped early"
@@ -670,6 +690,11 @@ fn run_route(runtime: &tokio::runtime::Runtime, mut config: Config, n: usize) ->
         std::thread::sleep(Duration::from_millis(1));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if progress {
+        marks.push(consumed());
+        let steps: Vec<String> = marks.windows(2).map(|w| (w[1] - w[0]).to_string()).collect();
+        eprintln!("committed per 250 ms: {}", steps.join(" "));
+    }
     let summary = runtime
         .block_on(handle)
         .expect("the stage joins")

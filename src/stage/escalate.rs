@@ -270,7 +270,11 @@ impl EscalateStage {
         )
         .map_err(KafkaStageError::kafka("creating the escalation producer"))?
         .with_health(self.health.clone());
-        sink.warm_up(owned_topics(config, &self.matrix.current()).iter().map(String::as_str));
+        sink.warm_up(
+            owned_topics(config, &self.matrix.current())
+                .iter()
+                .map(String::as_str),
+        );
         self.health.set_ready(true, "");
         tracing::info!(guarantee = ?config.guarantee, "escalation stage running");
 

@@ -102,7 +102,11 @@ impl RouteStage {
         )
         .map_err(KafkaStageError::kafka("creating the route producer"))?
         .with_health(self.health.clone());
-        sink.warm_up(owned_topics(config, &self.matrix.current()).iter().map(String::as_str));
+        sink.warm_up(
+            owned_topics(config, &self.matrix.current())
+                .iter()
+                .map(String::as_str),
+        );
         self.health.set_ready(true, "");
         tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
 

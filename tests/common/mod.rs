@@ -1421,7 +1421,11 @@ pub fn check_outputs_with(
                     })
                     .collect();
                 let carried = pending["packets"].as_array().cloned().unwrap_or_default();
-                assert_eq!(carried.len(), topics.len(), "{id}: one packet carried per review lane");
+                assert_eq!(
+                    carried.len(),
+                    topics.len(),
+                    "{id}: one packet carried per review lane"
+                );
                 for (packet, topic) in carried.iter().zip(&topics) {
                     assert!(
                         outputs.keyed(topic, id).iter().any(|copy| json(copy) == *packet),

@@ -714,6 +714,31 @@ fn avro_full_event_equals_json_decoding() {
     assert_eq!(avro_action, json_action);
 }
 
+/// `decode_in` reads an Avro record's JSON form into the caller's buffer
+/// and borrows the action's text from there (the route stage's way), with
+/// the same result as `decode` and as the JSON form; a JSON record needs no
+/// buffer.
+#[test]
+fn decode_in_borrows_an_avro_actions_text_from_the_scratch_buffer() {
+    use std::borrow::Cow;
+    let record = frame(AGENT_ACTION_SCHEMA_ID, &avro_body(&full()));
+    let mut scratch = Vec::new();
+    let action = decoder().decode_in(&record, &mut scratch).expect("avro decodes");
+    assert_eq!(action, decode_json(&full()).unwrap());
+    assert_eq!(action, decoder().decode(&record).unwrap());
+    assert!(matches!(action.summary, Cow::Borrowed(_)));
+    assert!(matches!(action.payload, Some(Cow::Borrowed(_))));
+    drop(action);
+    assert!(!scratch.is_empty(), "the JSON form was read into the buffer");
+
+    let json = full().to_string().into_bytes();
+    let mut unused = Vec::new();
+    let action = decoder().decode_in(&json, &mut unused).expect("json decodes");
+    assert_eq!(action, decode_json(&full()).unwrap());
+    drop(action);
+    assert!(unused.is_empty());
+}
+
 #[test]
 fn avro_minimal_event_equals_json_decoding() {
     let record = frame(AGENT_ACTION_SCHEMA_ID, &avro_body(&minimal()));

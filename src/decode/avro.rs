@@ -1,4 +1,4 @@
-//! Avro binary → the JSON form → the shared validation.
+//! Avro binary → the JSON form (validated by the caller, `Decoder`, as JSON).
 //!
 //! The Avro schema (`schemas/agent_action.avsc`) mirrors the JSON form field
 //! for field, with timestamps as `timestamp-millis` and `amount` as a string
@@ -14,18 +14,12 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value as Json;
 
-use super::{DecodeError, json};
-use crate::action::AgentAction;
+use super::DecodeError;
 
 /// Caps what a hostile length prefix can make the Avro reader allocate. The
 /// limit is process-wide in apache-avro, so the first decoder built sets it.
 pub(super) fn bound_allocations(max_record_bytes: usize) {
     apache_avro::util::max_allocation_bytes(max_record_bytes.max(64 * 1024));
-}
-
-pub(super) fn decode(id: u32, schema: &Schema, body: &[u8]) -> Result<AgentAction<'static>, DecodeError> {
-    let json = to_json_text(id, schema, body)?;
-    json::decode(&json).map(AgentAction::into_owned)
 }
 
 /// Reads one Avro datum (unframed) written with `schema` as its JSON form.
@@ -39,7 +33,7 @@ pub fn to_json_value(id: u32, schema: &Schema, body: &[u8]) -> Result<Json, Deco
 
 /// Reads one Avro datum straight into JSON text: no tree of Avro values,
 /// no tree of JSON values, one pass over the bytes.
-fn to_json_text(id: u32, schema: &Schema, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+pub(super) fn to_json_text(id: u32, schema: &Schema, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let bad = |message: String| DecodeError::Avro { id, message };
     let mut reader = Reader {
         root: schema,

@@ -14,6 +14,8 @@ mod schemas;
 
 use std::sync::Arc;
 
+use apache_avro::schema::Schema;
+
 use crate::action::AgentAction;
 
 pub use schemas::{AGENT_ACTION_SCHEMA_ID, SchemaDir, SchemaError, SchemaSource};
@@ -111,8 +113,38 @@ impl Decoder {
     }
 
     /// Decodes one record. The action borrows text from `bytes` where it can;
-    /// see [`AgentAction::into_owned`] to keep it longer.
+    /// see [`AgentAction::into_owned`] to keep it longer. An Avro record's
+    /// text is copied into the action: see [`Decoder::decode_in`].
     pub fn decode<'a>(&self, bytes: &'a [u8]) -> Result<AgentAction<'a>, DecodeError> {
+        match self.format(bytes)? {
+            Format::Json => json::decode(bytes),
+            Format::Avro { id, schema, body } => {
+                let text = avro::to_json_text(id, &schema, body)?;
+                json::decode(&text).map(AgentAction::into_owned)
+            }
+        }
+    }
+
+    /// As [`Decoder::decode`], but an Avro record is read into `scratch` (as
+    /// its JSON form) and the action borrows its text from there too: the
+    /// route stage decodes every action, and copying an Avro action's text
+    /// out of a buffer about to be dropped was an allocation per field.
+    pub fn decode_in<'a>(
+        &self,
+        bytes: &'a [u8],
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<AgentAction<'a>, DecodeError> {
+        match self.format(bytes)? {
+            Format::Json => json::decode(bytes),
+            Format::Avro { id, schema, body } => {
+                *scratch = avro::to_json_text(id, &schema, body)?;
+                json::decode(scratch)
+            }
+        }
+    }
+
+    /// Which form the record is in, after the checks both forms share.
+    fn format<'a>(&self, bytes: &'a [u8]) -> Result<Format<'a>, DecodeError> {
         if bytes.len() > self.max_bytes {
             return Err(DecodeError::TooLarge {
                 size: bytes.len(),
@@ -121,18 +153,28 @@ impl Decoder {
         }
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             None => Err(DecodeError::Empty),
-            Some(b'{') => json::decode(bytes),
+            Some(b'{') => Ok(Format::Json),
             Some(0) if bytes[0] == 0 => {
                 let (id, body) = split_frame(bytes)?;
                 let schema = self
                     .schemas
                     .schema(id)
                     .map_err(|source| DecodeError::Schema { id, source })?;
-                avro::decode(id, &schema, body)
+                Ok(Format::Avro { id, schema, body })
             }
             Some(&other) => Err(DecodeError::UnknownFormat(other)),
         }
     }
+}
+
+enum Format<'a> {
+    Json,
+    /// Confluent-framed Avro: the schema id, its schema, the Avro body.
+    Avro {
+        id: u32,
+        schema: Arc<Schema>,
+        body: &'a [u8],
+    },
 }
 
 /// Splits Confluent framing into the schema id and the Avro body.

@@ -432,7 +432,8 @@ impl RouteStage {
         let Some(payload) = record.payload.as_deref() else {
             return dead("empty", "record has no value");
         };
-        let action = match self.decoder.decode(payload) {
+        let mut scratch = Vec::new();
+        let action = match self.decoder.decode_in(payload, &mut scratch) {
             Ok(a) => a,
             Err(e) => return dead(e.reason(), &e.to_string()),
         };

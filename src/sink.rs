@@ -23,7 +23,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::topic_partition_list::TopicPartitionList;
 
 use crate::config::{Config, Guarantee};
-use crate::kafka::producer_config;
+use crate::kafka::{owned_topics, producer_config};
+use crate::matrix::Matrix;
 
 /// How long [`Sink::warm_up`] may take in all.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
@@ -222,25 +223,26 @@ impl Sink {
         }
     }
 
-    /// Reports readiness into `health`: unready while outputs are retried.
-    /// Learns where `topics`' partitions are before the first batch. The
+    /// Learns where the partitions of every topic switchboard owns are
+    /// ([`owned_topics`]) before the first batch. The
     /// producer otherwise asks per topic on its first record there, and
     /// holds that record until the answer comes: with a lane topic or two
     /// first met in each early batch, a started stage wrote nothing durable
     /// for most of a second. A topic that cannot be looked up now is left
     /// to the first record: the look-ups stop at the first that fails (a
     /// broker away at start-up costs one [`WARM_UP_LIMIT`], not one per topic).
-    pub fn warm_up<'t>(&self, topics: impl IntoIterator<Item = &'t str>) {
+    pub fn warm_up(&self, config: &Config, matrix: &Matrix) {
         let deadline = Instant::now() + WARM_UP_LIMIT;
-        for topic in topics {
+        for topic in owned_topics(config, matrix) {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Err(error) = self.producer.client().fetch_metadata(Some(topic), left) {
+            if let Err(error) = self.producer.client().fetch_metadata(Some(&topic), left) {
                 tracing::info!(%topic, %error, "output topics not looked up ahead of their first records");
                 return;
             }
         }
     }
 
+    /// Reports readiness into `health`: unready while outputs are retried.
     pub fn with_health(mut self, health: crate::http::Health) -> Sink {
         self.health = Some(health);
         self

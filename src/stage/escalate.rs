@@ -35,7 +35,7 @@ use crate::dlq::{self, Failed};
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
 use crate::held::{Approvals, ById, Head, Held, Store};
 use crate::http::Health;
-use crate::kafka::{KafkaStageError, escalation_consumer_config, owned_topics};
+use crate::kafka::{KafkaStageError, escalation_consumer_config};
 use crate::metrics::Metrics;
 use crate::pending::{OwnedPendingRecord, Status};
 use crate::reload::MatrixHandle;
@@ -270,11 +270,7 @@ impl EscalateStage {
         )
         .map_err(KafkaStageError::kafka("creating the escalation producer"))?
         .with_health(self.health.clone());
-        sink.warm_up(
-            owned_topics(config, &self.matrix.current())
-                .iter()
-                .map(String::as_str),
-        );
+        sink.warm_up(config, &self.matrix.current());
         self.health.set_ready(true, "");
         tracing::info!(guarantee = ?config.guarantee, "escalation stage running");
 

@@ -28,7 +28,7 @@ use crate::dlq::{self, Failed};
 use crate::encode::{self, Raw};
 use crate::enrich::{Directory, enrich};
 use crate::http::Health;
-use crate::kafka::{KafkaStageError, consumer_config, owned_topics};
+use crate::kafka::{KafkaStageError, consumer_config};
 use crate::matrix::Matrix;
 use crate::metrics::Metrics;
 use crate::packet::{self, PacketInput};
@@ -102,11 +102,7 @@ impl RouteStage {
         )
         .map_err(KafkaStageError::kafka("creating the route producer"))?
         .with_health(self.health.clone());
-        sink.warm_up(
-            owned_topics(config, &self.matrix.current())
-                .iter()
-                .map(String::as_str),
-        );
+        sink.warm_up(config, &self.matrix.current());
         self.health.set_ready(true, "");
         tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
 

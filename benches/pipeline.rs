@@ -17,7 +17,12 @@
 //!    loop then commits each batch in a transaction too);
 //! 5. end-to-end latency at a fixed offered rate of half the route stage's
 //!    measured throughput: event time to packet readable (a reader with
-//!    1 ms fetch waits on every output topic);
+//!    1 ms fetch waits on every output topic), on tansu and again at the
+//!    same rate on the mock cluster, whose fetches cost the same however
+//!    much it holds (each fetch on tansu 0.6.0 lists every batch its
+//!    partition has stored, so latency there climbs through a run, the
+//!    passthrough's too; the table shows how long the broker took to
+//!    acknowledge the input beside each);
 //! 6. the escalation stage as a child process: restoring K pending
 //!    approvals from the changelog (time, resident memory), and T timers
 //!    falling due together (time until every escalation is durable);
@@ -29,14 +34,17 @@
 //! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
 //! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
 //! (1000000), `--timers T` (100000), `--only STEPS` (a comma-separated
-//! subset of `route,avro,latency,eos,restore,timers`), `--rate R` (the latency
-//! step's offered rate when the route step is skipped). Under `cargo test` (no `--bench`
+//! subset of `route,avro,latency,latency-mock,eos,restore,timers`), `--rate R`
+//! (the latency steps' offered rate when the route step is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
 //! if any step does not finish.
 //!
 //! Environment: `BENCH_PROGRESS=1` prints how many actions the route stage
 //! committed in each 250 ms (a steady run tells from one with stalls);
-//! `BENCH_STAGE_LOG` (a `RUST_LOG` filter) shows the stages' own logs.
+//! `BENCH_STAGE_LOG` (a `RUST_LOG` filter) shows the stages' own logs;
+//! `BENCH_KAFKA="key=value,..."` adds client properties to both the
+//! passthrough's and the route stage's clients (to try producer or consumer
+//! settings side by side).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -226,17 +234,15 @@ fn main() {
 
         if args.runs("latency") {
             // ---- tansu: latency at half the measured route throughput ----
-            let rate = match args.rate {
-                Some(rate) => rate as f64,
-                None if route.is_finite() => (args.records as f64 / route / 2.0).max(10.0),
-                None => 1_000.0,
-            };
+            let rate = latency_rate(&args, route);
             eprintln!(
                 "== tansu: latency at {rate:.0} actions/s for {} s",
                 args.latency_secs
             );
+            let create = |names: &[&str]| create_topics(&runtime, &bootstrap, names, args.partitions);
             let copy = latency(
                 &runtime,
+                &create,
                 Carrier::Copy {
                     bootstrap: bootstrap.clone(),
                     input: "bench.latency.in".into(),
@@ -251,27 +257,64 @@ fn main() {
             create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
             let stage = latency(
                 &runtime,
+                &create,
                 Carrier::Stage(Box::new(config)),
                 args.partitions,
                 rate,
                 args.latency_secs,
             );
-            for (what, latencies) in [("passthrough", copy), ("route stage", stage)] {
-                rows.push(Row {
-                    broker: "tansu",
-                    what: format!("latency at {rate:.0}/s: {what}"),
-                    records: latencies.len(),
-                    seconds: args.latency_secs as f64,
-                    note: format!(
-                        "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-                        quantile(&latencies, 0.5),
-                        quantile(&latencies, 0.99),
-                        quantile(&latencies, 0.999)
-                    ),
-                });
-            }
+            rows.extend(latency_rows("tansu", rate, args.latency_secs, copy, stage));
         }
         drop(tansu);
+    }
+
+    if args.runs("latency-mock") {
+        // ---- mock cluster: latency at the same rate, on a broker whose
+        // fetches cost the same however much it holds ----
+        let rate = latency_rate(&args, route);
+        eprintln!(
+            "== mock cluster: latency at {rate:.0} actions/s for {} s",
+            args.latency_secs
+        );
+        let mock = MockCluster::new(1).expect("the mock cluster starts");
+        let mock_bootstrap = mock.bootstrap_servers();
+        let mut config = stage_config(
+            &mock_bootstrap,
+            &matrix_path,
+            "bench.latency",
+            Guarantee::AtLeastOnce,
+            args.partitions,
+        );
+        config.group_id = "bench-latency".into();
+        create_mock_topics(
+            &mock,
+            &config,
+            &["bench.latency.in", "bench.latency.copy"],
+            args.partitions,
+        );
+        let created = |_: &[&str]| {};
+        let copy = latency(
+            &runtime,
+            &created,
+            Carrier::Copy {
+                bootstrap: mock_bootstrap.clone(),
+                input: "bench.latency.in".into(),
+                output: "bench.latency.copy".into(),
+            },
+            args.partitions,
+            rate,
+            args.latency_secs,
+        );
+        let stage = latency(
+            &runtime,
+            &created,
+            Carrier::Stage(Box::new(config)),
+            args.partitions,
+            rate,
+            args.latency_secs,
+        );
+        rows.extend(latency_rows("mock", rate, args.latency_secs, copy, stage));
+        drop(mock);
     }
 
     let mut eos_ratio = f64::NAN;
@@ -288,15 +331,7 @@ fn main() {
             Guarantee::ExactlyOnce,
             args.partitions,
         );
-        let matrix = switchboard::matrix::Matrix::load(&matrix_path).expect("the default matrix loads");
-        for topic in switchboard::kafka::owned_topics(&probe, &matrix)
-            .iter()
-            .map(String::as_str)
-            .chain(["bench.copy", "directory.accounts", "directory.incidents"])
-        {
-            mock.create_topic(topic, args.partitions, 1)
-                .expect("a mock topic");
-        }
+        create_mock_topics(&mock, &probe, &["bench.copy"], args.partitions);
         let eos_actions = synthetic(args.eos_records, "m");
         load(&mock_bootstrap, input, &eos_actions);
         let eos_pass = passthrough(&mock_bootstrap, input, "bench.copy", args.eos_records, true);
@@ -470,6 +505,25 @@ fn create_topics(runtime: &tokio::runtime::Runtime, bootstrap: &str, names: &[&s
     }
 }
 
+/// Every topic the route stage with `config` reads or writes, and `extra`,
+/// on the mock cluster (which answers no CreateTopics of its own).
+fn create_mock_topics<C: ClientContext>(
+    mock: &MockCluster<'_, C>,
+    config: &Config,
+    extra: &[&str],
+    partitions: i32,
+) {
+    let matrix = switchboard::matrix::Matrix::load(&config.matrix_path).expect("the default matrix loads");
+    for topic in switchboard::kafka::owned_topics(config, &matrix)
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+        .chain(["directory.accounts", "directory.incidents"])
+    {
+        mock.create_topic(topic, partitions, 1).expect("a mock topic");
+    }
+}
+
 /// Produces every action (stamped now) and waits for the acknowledgements.
 fn load(bootstrap: &str, topic: &str, actions: &[(String, Vec<u8>)]) -> f64 {
     let producer: BaseProducer = ClientConfig::new()
@@ -536,7 +590,8 @@ impl ConsumerContext for Assigned {
 /// commit the offsets (in one transaction with them when `exactly_once`).
 /// Returns seconds from assignment to the last commit.
 fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_once: bool) -> f64 {
-    let config = Config::new(bootstrap, PathBuf::new());
+    let mut config = Config::new(bootstrap, PathBuf::new());
+    config.kafka.0.extend(extra_kafka());
     let group = if exactly_once {
         "bench-pass-eos"
     } else {
@@ -647,7 +702,18 @@ fn stage_config(
     config.group_id = format!("bench-route-{guarantee:?}").to_lowercase();
     config.topics.actions = input.into();
     config.partitions = partitions;
+    config.kafka.0.extend(extra_kafka());
     config
+}
+
+/// `BENCH_KAFKA="key=value,..."`: client properties for both loops.
+fn extra_kafka() -> Vec<(String, String)> {
+    std::env::var("BENCH_KAFKA")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Runs the route stage until `n` records are committed; returns seconds
@@ -705,6 +771,16 @@ fn run_route(runtime: &tokio::runtime::Runtime, mut config: Config, n: usize) ->
     elapsed
 }
 
+/// The latency steps' offered rate: `--rate`, else half the route stage's
+/// measured throughput, else 1,000/s.
+fn latency_rate(args: &Args, route_seconds: f64) -> f64 {
+    match args.rate {
+        Some(rate) => rate as f64,
+        None if route_seconds.is_finite() => (args.records as f64 / route_seconds / 2.0).max(10.0),
+        None => 1_000.0,
+    }
+}
+
 fn throughput_row(broker: &'static str, what: &str, records: usize, seconds: f64) -> Row {
     Row {
         broker,
@@ -740,11 +816,12 @@ enum Carrier {
 /// with 1 ms fetch waits holds its last output.
 fn latency(
     runtime: &tokio::runtime::Runtime,
+    create: &dyn Fn(&[&str]),
     carrier: Carrier,
     partitions: i32,
     rate: f64,
     secs: u64,
-) -> Vec<f64> {
+) -> LatencyRun {
     let n = (rate * secs as f64) as usize;
     let (bootstrap, input, outputs, reader_config) = match &carrier {
         Carrier::Stage(config) => {
@@ -759,7 +836,7 @@ fn latency(
                 .into_iter()
                 .collect();
             let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
-            create_topics(runtime, &config.bootstrap_servers, &owned, partitions);
+            create(&owned);
             (
                 config.bootstrap_servers.clone(),
                 config.topics.actions.clone(),
@@ -772,7 +849,7 @@ fn latency(
             input,
             output,
         } => {
-            create_topics(runtime, bootstrap, &[input, output], partitions);
+            create(&[input, output]);
             let config = Config::new(bootstrap, PathBuf::new());
             (
                 bootstrap.clone(),
@@ -844,7 +921,15 @@ fn latency(
     let warmed = warm.clone();
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sent_count = sent.clone();
-    let delivered = Delivered::default();
+    // When each measured action was handed to the producer: the reader
+    // takes its latency from here by the index in its key, not by parsing
+    // every output (which cost the reader, on the same two cores, more
+    // than the carrier it measures).
+    let sent_at: Arc<Vec<std::sync::OnceLock<Instant>>> =
+        Arc::new((0..n).map(|_| std::sync::OnceLock::new()).collect());
+    let stamped = sent_at.clone();
+    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let delivered = Delivered(Arc::default(), sent_at.clone(), acks.clone());
     let delivered_count = delivered.0.clone();
     let topic = input.clone();
     let sender = std::thread::spawn(move || {
@@ -876,13 +961,16 @@ fn latency(
             }
             let mut bytes = bytes;
             stamp(&mut bytes, Utc::now());
+            let _ = stamped[i].set(Instant::now());
             send(&producer, &topic, key.as_bytes(), &bytes);
             sent_count.store(i + 1, Ordering::Relaxed);
         }
         wait_delivered(&producer, Duration::from_secs(60));
     });
 
-    let mut last: BTreeMap<String, f64> = BTreeMap::new();
+    // Each measured action's latency to its last output so far.
+    let mut last: Vec<Option<f64>> = vec![None; n];
+    let mut read_back = 0;
     let mut warm_seen = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(secs + 120);
     let mut done_at = None;
@@ -891,14 +979,13 @@ fn latency(
         if progress.elapsed() >= Duration::from_secs(1) {
             progress = Instant::now();
             eprintln!(
-                "   sent {} (acknowledged {}), read back {}",
+                "   sent {} (acknowledged {}), read back {read_back}",
                 sent.load(Ordering::Relaxed),
                 delivered_count.load(Ordering::Relaxed).saturating_sub(WARM_UP),
-                last.len()
             );
         }
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(5)) {
-            let received = Utc::now();
+            let received = Instant::now();
             let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                 continue;
             };
@@ -909,46 +996,87 @@ fn latency(
                 }
                 continue;
             }
-            if !key.starts_with("lat-") {
+            let Some(i) = key.strip_prefix("lat-").and_then(|i| i.parse::<usize>().ok()) else {
                 continue;
-            }
-            let occurred = m
-                .payload()
-                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                .and_then(|v| {
-                    v["occurred_at"]
-                        .as_str()
-                        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                });
-            if let Some(occurred) = occurred {
-                let ms = (received - occurred.with_timezone(&Utc))
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1000.0;
-                let e = last.entry(key.to_string()).or_insert(ms);
-                *e = e.max(ms);
+            };
+            if let Some(at) = sent_at.get(i).and_then(|s| s.get()) {
+                let ms = received.duration_since(*at).as_secs_f64() * 1000.0;
+                let slot = &mut last[i];
+                if slot.is_none() {
+                    read_back += 1;
+                }
+                *slot = Some(slot.map_or(ms, |m| m.max(ms)));
             }
         }
         if done_at.is_none() && done() {
             done_at = Some(Instant::now());
         }
         // Once the carrier is done, give the reader a moment to see the last batch.
-        if done_at.is_some_and(|d| d.elapsed() > Duration::from_millis(500) && last.len() >= n) {
+        if done_at.is_some_and(|d| d.elapsed() > Duration::from_millis(500) && read_back >= n) {
             break;
         }
     }
     sender.join().expect("the sender finishes");
     assert!(done(), "the carrier handled every action");
-    assert_eq!(last.len(), n, "every offered action was read back");
-    last.into_values().collect()
+    assert_eq!(read_back, n, "every offered action was read back");
+    // How latency moved through the run: on tansu 0.6.0 it climbs, because
+    // each fetch there lists every batch its partition has stored.
+    let tenths: Vec<String> = last
+        .chunks(n.div_ceil(10).max(1))
+        .map(|chunk| {
+            let v: Vec<f64> = chunk.iter().flatten().copied().collect();
+            format!("{:.0}", quantile(&v, 0.5))
+        })
+        .collect();
+    eprintln!("   p50 ms by tenth of the run: {}", tenths.join(" "));
+    let acks = std::mem::take(&mut *acks.lock().expect("not poisoned"));
+    LatencyRun {
+        latencies: last.into_iter().flatten().collect(),
+        acks,
+    }
+}
+
+/// What a latency run measured, in milliseconds.
+struct LatencyRun {
+    /// Each action, from being handed to the producer to its last output
+    /// in a reader's hands.
+    latencies: Vec<f64>,
+    /// Each action, from being handed to the producer to the broker's
+    /// acknowledgement: how long the broker took to take the input in,
+    /// which on tansu grows with what else it serves.
+    acks: Vec<f64>,
+}
+
+/// The table's lines for a latency pair on one broker.
+fn latency_rows(broker: &'static str, rate: f64, secs: u64, copy: LatencyRun, stage: LatencyRun) -> Vec<Row> {
+    [("passthrough", copy), ("route stage", stage)]
+        .into_iter()
+        .map(|(what, run)| Row {
+            broker,
+            what: format!("latency at {rate:.0}/s: {what}"),
+            records: run.latencies.len(),
+            seconds: secs as f64,
+            note: format!(
+                "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms (input acked: p99 {:.1} ms)",
+                quantile(&run.latencies, 0.5),
+                quantile(&run.latencies, 0.99),
+                quantile(&run.latencies, 0.999),
+                quantile(&run.acks, 0.99),
+            ),
+        })
+        .collect()
 }
 
 /// Actions sent, and read back, before the latency step's measured ones.
 const WARM_UP: usize = 100;
 
-/// Counts the acknowledged records of the latency step's producer.
-#[derive(Default)]
-struct Delivered(Arc<std::sync::atomic::AtomicUsize>);
+/// Counts the acknowledged records of the latency step's producer, and
+/// times each measured one from when it was handed over.
+struct Delivered(
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<Vec<std::sync::OnceLock<Instant>>>,
+    Arc<std::sync::Mutex<Vec<f64>>>,
+);
 
 impl ClientContext for Delivered {}
 
@@ -956,8 +1084,21 @@ impl rdkafka::producer::ProducerContext for Delivered {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
-        if result.is_ok() {
+        if let Ok(m) = result {
             self.0.fetch_add(1, Ordering::Relaxed);
+            if let Some(at) = m
+                .key()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.strip_prefix("lat-"))
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| self.1.get(i))
+                .and_then(|s| s.get())
+            {
+                self.2
+                    .lock()
+                    .expect("not poisoned")
+                    .push(at.elapsed().as_secs_f64() * 1000.0);
+            }
         }
     }
 }

@@ -471,8 +471,14 @@ fn mean_size(actions: &[(String, Vec<u8>)]) -> f64 {
 
 /// Writes `time` into the record's time slot.
 fn stamp(bytes: &mut [u8], time: DateTime<Utc>) {
+    let slot = find(bytes, TIME_SLOT.as_bytes());
+    stamp_at(bytes, slot, time);
+}
+
+/// [`stamp`] where the slot was found already.
+fn stamp_at(bytes: &mut [u8], slot: Option<usize>, time: DateTime<Utc>) {
     let text = time.to_rfc3339_opts(SecondsFormat::Millis, true);
-    if let Some(at) = find(bytes, TIME_SLOT.as_bytes())
+    if let Some(at) = slot
         && text.len() == TIME_SLOT.len()
     {
         bytes[at..at + text.len()].copy_from_slice(text.as_bytes());
@@ -672,10 +678,11 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
 }
 
 /// Waits until every record `producer` holds is acknowledged, serving
-/// delivery reports in 1 ms polls, as the stages' sink does. Not
-/// `Producer::flush`: rust-rdkafka's flush polls for delivery reports in
-/// 100 ms slices that always run their whole length, which made every
-/// batch of this loop cost at least 100 ms whatever the broker did.
+/// delivery reports between 200 µs sleeps, as the stages' sink does. Not
+/// `Producer::flush`, nor `poll` with a timeout: rust-rdkafka's polls run
+/// their whole timeout (flush's 100 ms slices made every batch of this
+/// loop cost at least 100 ms) and spend its last millisecond polling in a
+/// busy loop.
 fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, limit: Duration) {
     let deadline = Instant::now() + limit;
     while producer.in_flight_count() > 0 {
@@ -683,7 +690,8 @@ fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer
             Instant::now() < deadline,
             "copies not acknowledged within {limit:?}"
         );
-        producer.poll(Duration::from_millis(1));
+        producer.poll(Duration::ZERO);
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -703,6 +711,9 @@ fn stage_config(
     config.topics.actions = input.into();
     config.partitions = partitions;
     config.kafka.0.extend(extra_kafka());
+    if let Ok(ms) = std::env::var("BENCH_BATCH_WAIT_MS") {
+        config.batch_wait = Duration::from_millis(ms.parse().unwrap());
+    }
     config
 }
 
@@ -932,41 +943,53 @@ fn latency(
     let delivered = Delivered(Arc::default(), sent_at.clone(), acks.clone());
     let delivered_count = delivered.0.clone();
     let topic = input.clone();
-    let sender = std::thread::spawn(move || {
-        // As an agent's client would: librdkafka's default linger.
-        let producer: BaseProducer<Delivered> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("linger.ms", "5")
-            .create_with_context(delivered)
-            .expect("a producer");
-        // Warm-up actions first, measured ones once they were all read
-        // back: the carrier's start (its first fetch and assignment) is
-        // not part of its latency under a steady load.
-        for (key, bytes) in warm_up {
-            let mut bytes = bytes;
-            stamp(&mut bytes, Utc::now());
-            send(&producer, &topic, key.as_bytes(), &bytes);
-        }
-        while !warmed.load(Ordering::Relaxed) {
-            producer.poll(Duration::from_millis(1));
-        }
-        let started = Instant::now();
-        for (i, (key, bytes)) in actions.into_iter().enumerate() {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            while Instant::now() < due {
-                producer.poll(
-                    due.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(1)),
-                );
+    // Where each action's time goes, found before the clock starts.
+    let slots: Vec<Option<usize>> = actions
+        .iter()
+        .map(|(_, b)| find(b, TIME_SLOT.as_bytes()))
+        .collect();
+    let sender = std::thread::Builder::new()
+        .name("bench-sender".into())
+        .spawn(move || {
+            // As an agent's client would: librdkafka's default linger.
+            let producer: BaseProducer<Delivered> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("linger.ms", "5")
+                .create_with_context(delivered)
+                .expect("a producer");
+            // Warm-up actions first, measured ones once they were all read
+            // back: the carrier's start (its first fetch and assignment) is
+            // not part of its latency under a steady load.
+            for (key, bytes) in warm_up {
+                let mut bytes = bytes;
+                stamp(&mut bytes, Utc::now());
+                send(&producer, &topic, key.as_bytes(), &bytes);
             }
-            let mut bytes = bytes;
-            stamp(&mut bytes, Utc::now());
-            let _ = stamped[i].set(Instant::now());
-            send(&producer, &topic, key.as_bytes(), &bytes);
-            sent_count.store(i + 1, Ordering::Relaxed);
-        }
-        wait_delivered(&producer, Duration::from_secs(60));
-    });
+            while !warmed.load(Ordering::Relaxed) {
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let started = Instant::now();
+            for (i, (key, bytes)) in actions.into_iter().enumerate() {
+                // Slept for, not spun for (a spinning sender took most of a
+                // core from the carrier it measures), and in steps of a
+                // millisecond: the actions due within one go together, each
+                // stamped as it goes.
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                let ahead = due.saturating_duration_since(Instant::now());
+                if ahead >= Duration::from_millis(1) {
+                    std::thread::sleep(ahead);
+                }
+                producer.poll(Duration::ZERO);
+                let mut bytes = bytes;
+                stamp_at(&mut bytes, slots[i], Utc::now());
+                let _ = stamped[i].set(Instant::now());
+                send(&producer, &topic, key.as_bytes(), &bytes);
+                sent_count.store(i + 1, Ordering::Relaxed);
+            }
+            wait_delivered(&producer, Duration::from_secs(60));
+        })
+        .expect("the sender starts");
 
     // Each measured action's latency to its last output so far.
     let mut last: Vec<Option<f64>> = vec![None; n];

@@ -12,7 +12,7 @@
 //! again. Only errors that no retry can fix are [`SinkError::Fatal`].
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
@@ -82,6 +82,8 @@ pub enum SinkError {
 #[derive(Default)]
 pub struct DeliveryTracker {
     reports: Mutex<Vec<(usize, Option<KafkaError>)>>,
+    /// Reports received in all: a wait for the next one watches it move.
+    received: AtomicU64,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -95,6 +97,7 @@ impl ProducerContext for DeliveryTracker {
             Ok(mut reports) => reports.push((index, error)),
             Err(poisoned) => poisoned.into_inner().push((index, error)),
         }
+        self.received.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -102,10 +105,12 @@ impl ProducerContext for DeliveryTracker {
 /// reports itself unready.
 pub(crate) const FLUSH_SLICE: Duration = Duration::from_secs(1);
 
-/// How long one wait for delivery reports blocks (rust-rdkafka's poll runs
-/// its whole timeout even when reports arrive early): the granularity at
-/// which an acknowledged batch is noticed.
+/// How long one wait for delivery reports lasts at most when none comes.
 pub(crate) const DELIVERY_POLL: Duration = Duration::from_millis(1);
+
+/// How long a wait for delivery reports sleeps between two looks: what an
+/// acknowledgement may wait to be noticed, against the wake-ups it costs.
+const REPORT_NAP: Duration = Duration::from_micros(200);
 
 pub struct Sink {
     producer: BaseProducer<DeliveryTracker>,
@@ -328,7 +333,7 @@ impl Sink {
             if Instant::now() >= deadline {
                 return false;
             }
-            self.producer.poll(DELIVERY_POLL);
+            self.poll_reports(DELIVERY_POLL);
         }
     }
 
@@ -390,9 +395,25 @@ impl Sink {
         }
     }
 
-    /// Blocks for about `wait` serving delivery reports (they are then
-    /// taken with [`Sink::take_reports`]).
+    /// Serves delivery reports until one arrives or `wait` is over (they
+    /// are then taken with [`Sink::take_reports`]), sleeping between looks.
+    /// Not `producer.poll(wait)`: rust-rdkafka hands librdkafka only the
+    /// whole milliseconds left of a poll's timeout, so the last millisecond
+    /// of every poll (all of a 1 ms one) is spent polling with no timeout
+    /// in a loop, and a poll returns only at its end even when reports came
+    /// at its start. That busy wait took a core from the broker and the
+    /// other stages on the same machine.
     pub(crate) fn poll_reports(&self, wait: Duration) {
-        self.producer.poll(wait);
+        let deadline = Instant::now() + wait;
+        let received = &self.producer.context().received;
+        let before = received.load(Ordering::Relaxed);
+        loop {
+            self.producer.poll(Duration::ZERO);
+            let now = Instant::now();
+            if received.load(Ordering::Relaxed) != before || now >= deadline {
+                return;
+            }
+            std::thread::sleep(REPORT_NAP.min(deadline - now));
+        }
     }
 }

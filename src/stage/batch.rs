@@ -69,8 +69,9 @@ fn poll(
         let timeout = if batch.is_empty() {
             first
         } else {
-            deadline.saturating_duration_since(Instant::now())
+            whole_millis(deadline.saturating_duration_since(Instant::now()))
         };
+        let last_look = !batch.is_empty() && timeout.is_zero();
         let polled = consumer.poll(timeout);
         if owned_only {
             let now = consumer.context().revocations();
@@ -94,13 +95,21 @@ fn poll(
                 break;
             }
             None => {
-                if batch.is_empty() || Instant::now() >= deadline {
+                if batch.is_empty() || last_look || Instant::now() >= deadline {
                     break;
                 }
             }
         }
     }
     batch
+}
+
+/// The whole milliseconds of `wait`. rust-rdkafka hands librdkafka only the
+/// whole milliseconds of a poll's timeout and polls out the fraction left
+/// with no timeout, in a busy loop; so a batch is closed when less than a
+/// millisecond of its wait is left, after one last look that does not wait.
+fn whole_millis(wait: Duration) -> Duration {
+    Duration::from_millis(wait.as_millis() as u64)
 }
 
 /// The offsets to commit after a batch: one past the last record of each

@@ -711,9 +711,6 @@ fn stage_config(
     config.topics.actions = input.into();
     config.partitions = partitions;
     config.kafka.0.extend(extra_kafka());
-    if let Ok(ms) = std::env::var("BENCH_BATCH_WAIT_MS") {
-        config.batch_wait = Duration::from_millis(ms.parse().unwrap());
-    }
     config
 }
 

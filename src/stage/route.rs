@@ -250,14 +250,14 @@ impl RouteStage {
             } else {
                 Duration::from_millis(100)
             };
-            let polled = Instant::now();
+            let polling = Instant::now();
             let batch = poll_owned_batch(consumer, limit, first, config.batch_wait, &self.metrics);
             if batch.is_empty() {
                 continue;
             }
             let matrix = self.matrix.current();
             let started = Instant::now();
-            let poll_ms = started.duration_since(polled).as_secs_f64() * 1000.0;
+            let polled = started.duration_since(polling);
             let handled = self.handle_batch(&batch, &matrix, self.clock.now());
             // Batches the revocation hook finished or gave up while polling
             // are settled before this one is checked for duplicates.
@@ -274,7 +274,7 @@ impl RouteStage {
                 counts,
             };
             lock(&pipeline).push(outputs, &offsets, batch.len(), done);
-            tracing::debug!(records = batch.len(), poll_ms, elapsed = ?started.elapsed(), "batch sent");
+            tracing::debug!(records = batch.len(), ?polled, elapsed = ?started.elapsed(), "batch sent");
         }
         // Stopping (or --max-events reached): the batches in hand are
         // finished and committed unless the broker is away.

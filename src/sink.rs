@@ -11,15 +11,15 @@
 //! [`SinkError::Retry`]; the stage rewinds its consumer and handles the batch
 //! again. Only errors that no retry can fix are [`SinkError::Fatal`].
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 
 use crate::config::{Config, Guarantee};
@@ -77,13 +77,17 @@ pub enum SinkError {
 
 /// Collects delivery reports by the opaque each record was sent with (its
 /// index in the batch, or the pipeline's ticket): `None` when acknowledged.
-/// Reports arrive on the thread that polls the producer, so the lock is
-/// never contended.
+/// Reports arrive on the producer's own polling thread (a
+/// `ThreadedProducer`), which also frees librdkafka's copies of the
+/// acknowledged records: work the stage's loop thread, the busiest
+/// thread of a stage, used to do itself.
 #[derive(Default)]
 pub struct DeliveryTracker {
     reports: Mutex<Vec<(usize, Option<KafkaError>)>>,
-    /// Reports received in all: a wait for the next one watches it move.
+    /// Reports received in all, counted under the lock above: a wait for
+    /// the next one watches it move.
     received: AtomicU64,
+    arrived: Condvar,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -93,11 +97,11 @@ impl ProducerContext for DeliveryTracker {
 
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
         let error = result.as_ref().err().map(|(error, _)| error.clone());
-        match self.reports.lock() {
-            Ok(mut reports) => reports.push((index, error)),
-            Err(poisoned) => poisoned.into_inner().push((index, error)),
-        }
+        let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        reports.push((index, error));
         self.received.fetch_add(1, Ordering::Relaxed);
+        drop(reports);
+        self.arrived.notify_all();
     }
 }
 
@@ -108,12 +112,8 @@ pub(crate) const FLUSH_SLICE: Duration = Duration::from_secs(1);
 /// How long one wait for delivery reports lasts at most when none comes.
 pub(crate) const DELIVERY_POLL: Duration = Duration::from_millis(1);
 
-/// How long a wait for delivery reports sleeps between two looks: what an
-/// acknowledgement may wait to be noticed, against the wake-ups it costs.
-const REPORT_NAP: Duration = Duration::from_micros(200);
-
 pub struct Sink {
-    producer: BaseProducer<DeliveryTracker>,
+    producer: ThreadedProducer<DeliveryTracker>,
     guarantee: Guarantee,
     timeout: Duration,
     /// The pending changelog, whose records say an action was handled. At
@@ -132,7 +132,7 @@ impl Sink {
     /// instance fences its zombie.
     pub fn new(config: &Config, transactional_id: &str) -> Result<Sink, KafkaError> {
         let id = (config.guarantee == Guarantee::ExactlyOnce).then_some(transactional_id);
-        let producer: BaseProducer<DeliveryTracker> =
+        let producer: ThreadedProducer<DeliveryTracker> =
             producer_config(config, id).create_with_context(DeliveryTracker::default())?;
         let sink = Sink {
             producer,
@@ -371,7 +371,7 @@ impl Sink {
                     if started.elapsed() < self.timeout =>
                 {
                     record = back;
-                    self.producer.poll(Duration::from_millis(10));
+                    self.poll_reports(Duration::from_millis(10));
                 }
                 Err((e, _)) => return Err(e),
             }
@@ -385,35 +385,29 @@ impl Sink {
             .collect()
     }
 
-    /// Serves waiting delivery reports and returns every one received since
-    /// the last call.
+    /// Every delivery report received since the last call.
     pub(crate) fn take_reports(&self) -> Vec<(usize, Option<KafkaError>)> {
-        self.producer.poll(Duration::ZERO);
-        match self.producer.context().reports.lock() {
-            Ok(mut reports) => std::mem::take(&mut *reports),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        let mut reports = self
+            .producer
+            .context()
+            .reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *reports)
     }
 
-    /// Serves delivery reports until one arrives or `wait` is over (they
-    /// are then taken with [`Sink::take_reports`]), sleeping between looks.
-    /// Not `producer.poll(wait)`: rust-rdkafka hands librdkafka only the
-    /// whole milliseconds left of a poll's timeout, so the last millisecond
-    /// of every poll (all of a 1 ms one) is spent polling with no timeout
-    /// in a loop, and a poll returns only at its end even when reports came
-    /// at its start. That busy wait took a core from the broker and the
-    /// other stages on the same machine.
+    /// Waits until a delivery report arrives or `wait` is over (reports are
+    /// then taken with [`Sink::take_reports`]). The producer's thread serves
+    /// them; this thread only sleeps. (Polling here was worse than it
+    /// looked: rust-rdkafka hands librdkafka only the whole milliseconds
+    /// of a poll's timeout and polls out the rest with no timeout in a busy
+    /// loop, so every 1 ms wait spun a core.)
     pub(crate) fn poll_reports(&self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        let received = &self.producer.context().received;
-        let before = received.load(Ordering::Relaxed);
-        loop {
-            self.producer.poll(Duration::ZERO);
-            let now = Instant::now();
-            if received.load(Ordering::Relaxed) != before || now >= deadline {
-                return;
-            }
-            std::thread::sleep(REPORT_NAP.min(deadline - now));
-        }
+        let tracker = self.producer.context();
+        let reports = tracker.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = tracker.received.load(Ordering::Relaxed);
+        let _ = tracker.arrived.wait_timeout_while(reports, wait, |_| {
+            tracker.received.load(Ordering::Relaxed) == before
+        });
     }
 }

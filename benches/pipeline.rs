@@ -164,7 +164,7 @@ fn main() {
         let bootstrap = tansu.bootstrap();
         let input = "bench.actions";
         create_topics(&runtime, &bootstrap, &[input, "bench.copy"], args.partitions);
-        let mut config = stage_config(
+        let config = stage_config(
             &bootstrap,
             &matrix_path,
             input,
@@ -240,25 +240,10 @@ fn main() {
                 args.latency_secs
             );
             let create = |names: &[&str]| create_topics(&runtime, &bootstrap, names, args.partitions);
-            let copy = latency(
+            let (copy, stage) = latency_pair(
                 &runtime,
                 &create,
-                Carrier::Copy {
-                    bootstrap: bootstrap.clone(),
-                    input: "bench.latency.in".into(),
-                    output: "bench.latency.copy".into(),
-                },
-                args.partitions,
-                rate,
-                args.latency_secs,
-            );
-            config.topics.actions = "bench.latency".into();
-            config.group_id = "bench-latency".into();
-            create_topics(&runtime, &bootstrap, &["bench.latency"], args.partitions);
-            let stage = latency(
-                &runtime,
-                &create,
-                Carrier::Stage(Box::new(config)),
+                config,
                 args.partitions,
                 rate,
                 args.latency_secs,
@@ -278,37 +263,23 @@ fn main() {
         );
         let mock = MockCluster::new(1).expect("the mock cluster starts");
         let mock_bootstrap = mock.bootstrap_servers();
-        let mut config = stage_config(
+        let config = stage_config(
             &mock_bootstrap,
             &matrix_path,
             "bench.latency",
             Guarantee::AtLeastOnce,
             args.partitions,
         );
-        config.group_id = "bench-latency".into();
         create_mock_topics(
             &mock,
             &config,
             &["bench.latency.in", "bench.latency.copy"],
             args.partitions,
         );
-        let created = |_: &[&str]| {};
-        let copy = latency(
+        let (copy, stage) = latency_pair(
             &runtime,
-            &created,
-            Carrier::Copy {
-                bootstrap: mock_bootstrap.clone(),
-                input: "bench.latency.in".into(),
-                output: "bench.latency.copy".into(),
-            },
-            args.partitions,
-            rate,
-            args.latency_secs,
-        );
-        let stage = latency(
-            &runtime,
-            &created,
-            Carrier::Stage(Box::new(config)),
+            &|_| {},
+            config,
             args.partitions,
             rate,
             args.latency_secs,
@@ -1054,6 +1025,44 @@ fn latency(
         latencies: last.into_iter().flatten().collect(),
         acks,
     }
+}
+
+/// The latency step on one broker: the passthrough, then the route stage
+/// with `config` (its input and group made the latency step's own), at the
+/// same rate. `create` makes topics there (the mock cluster answers no
+/// CreateTopics: its topics are made beforehand).
+fn latency_pair(
+    runtime: &tokio::runtime::Runtime,
+    create: &dyn Fn(&[&str]),
+    mut config: Config,
+    partitions: i32,
+    rate: f64,
+    secs: u64,
+) -> (LatencyRun, LatencyRun) {
+    let copy = latency(
+        runtime,
+        create,
+        Carrier::Copy {
+            bootstrap: config.bootstrap_servers.clone(),
+            input: "bench.latency.in".into(),
+            output: "bench.latency.copy".into(),
+        },
+        partitions,
+        rate,
+        secs,
+    );
+    config.topics.actions = "bench.latency".into();
+    config.group_id = "bench-latency".into();
+    create(&["bench.latency"]);
+    let stage = latency(
+        runtime,
+        create,
+        Carrier::Stage(Box::new(config)),
+        partitions,
+        rate,
+        secs,
+    );
+    (copy, stage)
 }
 
 /// What a latency run measured, in milliseconds.

@@ -225,6 +225,11 @@ async fn decisions_escalations_and_outcomes() {
     let refund = broker.outcome("refund").unwrap();
     assert_eq!(refund["outcome"], "expired");
     assert_eq!(refund["expired_lane"], "finance");
+    // Metrics count a batch once it is durable, which is after its outputs
+    // can be read: the expiry's batch may not be counted yet.
+    broker.wait_for("the expiry's batch counted", |_| {
+        metrics.sla_breaches_total.with_label_values(&["finance"]).get() >= 3
+    });
     assert_eq!(
         metrics
             .escalations_total
@@ -494,6 +499,10 @@ async fn a_reminder_goes_out_once_per_step_before_it_escalates() {
     assert_eq!(reminder["time_left_seconds"], 0);
     assert_eq!(reminder["sla_due"], "2026-03-01T10:00:02Z");
     assert_eq!(reminder["decide"]["roster"], json!(["fran"]));
+    // Counted once its batch is durable, which is after it can be read.
+    broker.wait_for("the reminder counted", |_| {
+        metrics.reminders_total.with_label_values(&["finance"]).get() >= 1
+    });
     assert_eq!(metrics.reminders_total.with_label_values(&["finance"]).get(), 1);
 
     // The SLA passes: the step escalates; it gets its own reminder at 80 %

@@ -649,7 +649,8 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
 }
 
 /// Waits until every record `producer` holds is acknowledged, serving
-/// delivery reports between 200 µs sleeps, as the stages' sink does. Not
+/// delivery reports between 200 µs sleeps (the sink instead lets its
+/// producer's own thread serve them and waits on a condition). Not
 /// `Producer::flush`, nor `poll` with a timeout: rust-rdkafka's polls run
 /// their whole timeout (flush's 100 ms slices made every batch of this
 /// loop cost at least 100 ms) and spend its last millisecond polling in a
@@ -933,7 +934,12 @@ fn latency(
                 stamp(&mut bytes, Utc::now());
                 send(&producer, &topic, key.as_bytes(), &bytes);
             }
+            let warm_deadline = Instant::now() + Duration::from_secs(120);
             while !warmed.load(Ordering::Relaxed) {
+                assert!(
+                    Instant::now() < warm_deadline,
+                    "the warm-up actions were not read back within 120 s"
+                );
                 producer.poll(Duration::ZERO);
                 std::thread::sleep(Duration::from_millis(1));
             }

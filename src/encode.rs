@@ -34,7 +34,17 @@ impl ser::Error for EncodeError {
 
 /// Encodes `value` as compact JSON.
 pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::with_capacity(1024);
+    to_vec_with_capacity(value, 1024)
+}
+
+/// [`to_vec`] into a buffer of `capacity` bytes to begin with: a caller
+/// that can tell how long the JSON will be saves the buffer's regrowth
+/// (copying what was written so far, once or twice per record).
+pub fn to_vec_with_capacity<T: Serialize + ?Sized>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(capacity);
     value.serialize(&mut Encoder {
         out: &mut out,
         raw: false,
@@ -73,16 +83,31 @@ struct Encoder<'o> {
 
 /// Writes `s` as a JSON string: quotes, and escapes for `"`, `\` and the
 /// control characters, as serde_json writes them.
+///
+/// Most text the stages write needs no escape (and a hundred strings per
+/// action are short: keys, names, times), so that case is one scan and one
+/// copy; only text holding an escape goes through [`write_escaped`].
+#[inline]
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
+    let at = first_escape(bytes, 0);
+    if at < bytes.len() {
+        return write_escaped(out, bytes, at);
+    }
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    out.extend_from_slice(bytes);
+    out.push(b'"');
+}
+
+/// [`write_str`] for text whose first escape is at `at`.
+#[cold]
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8], at: usize) {
+    out.reserve(bytes.len() + 8);
+    out.push(b'"');
     let mut start = 0;
-    loop {
-        let at = first_escape(bytes, start);
-        let Some(&b) = bytes.get(at) else {
-            break;
-        };
+    let mut at = at;
+    while let Some(&b) = bytes.get(at) {
         out.extend_from_slice(&bytes[start..at]);
         match ESCAPE[b as usize] {
             b'u' => {
@@ -99,6 +124,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
             letter => out.extend_from_slice(&[b'\\', letter]),
         }
         start = at + 1;
+        at = first_escape(bytes, start);
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -120,6 +146,9 @@ fn first_escape(bytes: &[u8], from: usize) -> usize {
         rest = after;
     }
     if rest.len() < 8 {
+        if !needs_escape(short_word(rest)) {
+            return bytes.len();
+        }
         return from + position(rest);
     }
     let word = |at: usize| {
@@ -140,6 +169,32 @@ fn first_escape(bytes: &[u8], from: usize) -> usize {
         return from + last + position(&rest[last..]);
     }
     bytes.len()
+}
+
+/// Text shorter than a word, as one word to test with [`needs_escape`]:
+/// read in two overlapping halves (a byte counted twice changes nothing
+/// for "is any byte one to escape"), the rest filled with a letter, which
+/// never is.
+fn short_word(bytes: &[u8]) -> u64 {
+    debug_assert!(bytes.len() < 8, "longer text is tested word by word");
+    const FILL: u64 = 0x4141_4141_4141_4141;
+    let n = bytes.len();
+    let two = |at: usize| {
+        let mut half = [0u8; 2];
+        half.copy_from_slice(&bytes[at..at + 2]);
+        u64::from(u16::from_le_bytes(half))
+    };
+    let four = |at: usize| {
+        let mut half = [0u8; 4];
+        half.copy_from_slice(&bytes[at..at + 4]);
+        u64::from(u32::from_le_bytes(half))
+    };
+    match n {
+        0 => FILL,
+        1 => (FILL << 8) | u64::from(bytes[0]),
+        2..=3 => (FILL << 32) | (two(n - 2) << 16) | two(0),
+        _ => (four(n - 4) << 32) | four(0),
+    }
 }
 
 /// How many bytes [`first_escape`] tests at once before it goes word by
@@ -402,10 +457,23 @@ impl<'a, 'o> Compound<'a, 'o> {
         value.serialize(&mut *self.enc)
     }
 
-    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), EncodeError> {
-        self.separate();
-        write_str(self.enc.out, key);
-        self.enc.out.push(b':');
+    /// A struct's field. Its name is a `&'static str` from a derive: a Rust
+    /// identifier or a `rename` in a type of this crate, never text that
+    /// needs an escape, so it is copied without a scan (debug builds check).
+    fn field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), EncodeError> {
+        debug_assert_eq!(
+            first_escape(key.as_bytes(), 0),
+            key.len(),
+            "field name {key:?} needs an escape"
+        );
+        let out = &mut *self.enc.out;
+        out.reserve(key.len() + 4);
+        if !std::mem::replace(&mut self.first, false) {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
         value.serialize(&mut *self.enc)
     }
 
@@ -603,6 +671,20 @@ mod tests {
             "long run of safe bytes, long run of safe bytes, long run of safe bytes\"",
         ] {
             same(s);
+        }
+    }
+
+    #[test]
+    fn an_escape_at_any_place_of_short_text_is_found() {
+        for len in 0..=12 {
+            same(&"a".repeat(len));
+            for at in 0..len {
+                for escape in ['"', '\\', '\u{0}', '\n', '\u{1f}'] {
+                    let mut text: Vec<char> = "abcdefghijkl".chars().take(len).collect();
+                    text[at] = escape;
+                    same(&text.into_iter().collect::<String>());
+                }
+            }
         }
     }
 

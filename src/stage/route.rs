@@ -448,12 +448,15 @@ impl RouteStage {
         // Each packet is serialized once: its bytes go to its topic and,
         // embedded as they are, into the pending record.
         let mut packets: Vec<(&str, Vec<u8>)> = Vec::with_capacity(routing.lanes.len().max(1));
+        // A packet carries most of the action's text plus a kilobyte or so
+        // of its own (rules, context, deadlines, how to decide).
+        let packet_capacity = payload.len() + 1024;
         let mut fired = Vec::new();
         let mut lanes = Vec::with_capacity(routing.lanes.len());
         for hit in &routing.lanes {
             let lane = &matrix.lanes[hit.lane];
             let packet = packet::for_lane(&input, hit);
-            match encode::to_vec(&packet) {
+            match encode::to_vec_with_capacity(&packet, packet_capacity) {
                 Ok(bytes) => packets.push((&lane.topic, bytes)),
                 Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
             }
@@ -491,12 +494,13 @@ impl RouteStage {
             outcome: None,
             closed_at: None,
         };
-        let pending = match encode::to_vec(&pending) {
+        let pending_capacity = 512 + packets.iter().map(|(_, bytes)| bytes.len() + 512).sum::<usize>();
+        let pending = match encode::to_vec_with_capacity(&pending, pending_capacity) {
             Ok(bytes) => bytes,
             Err(e) => return dead("internal", &format!("serializing the pending record: {e}")),
         };
         if !routing.review() {
-            match encode::to_vec(&packet::allowed(&input)) {
+            match encode::to_vec_with_capacity(&packet::allowed(&input), packet_capacity) {
                 Ok(bytes) => packets.push((&self.config.topics.allowed, bytes)),
                 Err(e) => return dead("internal", &format!("serializing the packet: {e}")),
             }

@@ -135,7 +135,7 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8], at: usize) {
 /// bytes at a time, then eight bytes at a time (the last word overlapping
 /// the one before it), and only a block or word that holds one is looked
 /// into; text shorter than a word is looked at byte by byte.
-fn first_escape(bytes: &[u8], from: usize) -> usize {
+pub(crate) fn first_escape(bytes: &[u8], from: usize) -> usize {
     let mut from = from;
     let mut rest = bytes.get(from..).unwrap_or_default();
     while let Some((block, after)) = rest.split_first_chunk::<BLOCK>() {

@@ -19,37 +19,37 @@ use crate::action::{AgentAction, Audience, DataClassification, Environment, Sign
 type Text<'a> = Option<Cow<'a, str>>;
 /// A text field as read: [`Str`], since serde's `borrow` does not reach
 /// through an `Option` (an `Option<Cow<str>>` field is always copied).
-type WireText<'a> = Option<Str<'a>>;
+pub(super) type WireText<'a> = Option<Str<'a>>;
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireAction<'a> {
+pub(super) struct WireAction<'a> {
     #[serde(borrow, default)]
-    action_id: WireText<'a>,
+    pub(super) action_id: WireText<'a>,
     #[serde(borrow, default)]
-    occurred_at: WireText<'a>,
+    pub(super) occurred_at: WireText<'a>,
     #[serde(borrow, default)]
-    agent_id: WireText<'a>,
+    pub(super) agent_id: WireText<'a>,
     #[serde(borrow, default)]
-    fleet: WireText<'a>,
+    pub(super) fleet: WireText<'a>,
     #[serde(borrow, default)]
-    tenant: WireText<'a>,
+    pub(super) tenant: WireText<'a>,
     #[serde(borrow, default)]
-    run_id: WireText<'a>,
+    pub(super) run_id: WireText<'a>,
     #[serde(borrow, default)]
-    kind: WireText<'a>,
+    pub(super) kind: WireText<'a>,
     #[serde(borrow, default)]
-    summary: WireText<'a>,
+    pub(super) summary: WireText<'a>,
     #[serde(borrow, default)]
-    reason: WireText<'a>,
+    pub(super) reason: WireText<'a>,
     #[serde(borrow, default)]
-    target: Option<WireTarget<'a>>,
+    pub(super) target: Option<WireTarget<'a>>,
     #[serde(borrow, default)]
-    signals: Option<WireSignals<'a>>,
+    pub(super) signals: Option<WireSignals<'a>>,
     #[serde(borrow, default)]
-    attributes: Option<Attributes<'a>>,
+    pub(super) attributes: Option<Attributes<'a>>,
     #[serde(borrow, default)]
-    payload: WireText<'a>,
+    pub(super) payload: WireText<'a>,
 }
 
 /// `attributes`, refusing a key given twice: serde's maps keep the last
@@ -57,7 +57,7 @@ struct WireAction<'a> {
 /// "enterprise"}` would be routed on one value while a log or a reviewer
 /// reading the first saw the other. (Duplicate fields of the action itself
 /// are refused by serde already.)
-struct Attributes<'a>(BTreeMap<Cow<'a, str>, Cow<'a, str>>);
+pub(super) struct Attributes<'a>(pub(super) BTreeMap<Cow<'a, str>, Cow<'a, str>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
@@ -86,7 +86,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
 }
 
 /// A string borrowed from the record when it has no escapes.
-struct Str<'a>(Cow<'a, str>);
+pub(super) struct Str<'a>(pub(super) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
@@ -114,58 +114,58 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireTarget<'a> {
+pub(super) struct WireTarget<'a> {
     #[serde(borrow, default)]
-    system: WireText<'a>,
+    pub(super) system: WireText<'a>,
     #[serde(borrow, default)]
-    resource: WireText<'a>,
+    pub(super) resource: WireText<'a>,
     #[serde(borrow, default)]
-    account_id: WireText<'a>,
+    pub(super) account_id: WireText<'a>,
     #[serde(borrow, default)]
-    environment: WireText<'a>,
+    pub(super) environment: WireText<'a>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireSignals<'a> {
+pub(super) struct WireSignals<'a> {
     #[serde(borrow, default)]
-    data_classification: WireText<'a>,
+    pub(super) data_classification: WireText<'a>,
     #[serde(borrow, default)]
-    amount: Option<&'a RawValue>,
+    pub(super) amount: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    currency: WireText<'a>,
+    pub(super) currency: WireText<'a>,
     #[serde(default)]
-    recipient_count: Option<u64>,
+    pub(super) recipient_count: Option<u64>,
     #[serde(borrow, default)]
-    audience: WireText<'a>,
+    pub(super) audience: WireText<'a>,
     #[serde(default)]
-    reversible: Option<bool>,
+    pub(super) reversible: Option<bool>,
     #[serde(borrow, default)]
-    rollback_path: WireText<'a>,
+    pub(super) rollback_path: WireText<'a>,
     #[serde(borrow, default)]
-    blast_radius: WireText<'a>,
+    pub(super) blast_radius: WireText<'a>,
     #[serde(borrow, default)]
-    scope: WireText<'a>,
+    pub(super) scope: WireText<'a>,
     #[serde(borrow, default)]
-    destination: WireText<'a>,
+    pub(super) destination: WireText<'a>,
     #[serde(borrow, default)]
-    retention: WireText<'a>,
+    pub(super) retention: WireText<'a>,
     #[serde(borrow, default)]
-    incident_id: WireText<'a>,
+    pub(super) incident_id: WireText<'a>,
     #[serde(borrow, default)]
-    impact: WireText<'a>,
+    pub(super) impact: WireText<'a>,
     #[serde(borrow, default)]
-    alternatives: WireText<'a>,
+    pub(super) alternatives: WireText<'a>,
     #[serde(borrow, default)]
-    promises: WireText<'a>,
+    pub(super) promises: WireText<'a>,
     #[serde(borrow, default)]
-    permissions: Option<Vec<Str<'a>>>,
+    pub(super) permissions: Option<Vec<Str<'a>>>,
     #[serde(borrow, default)]
-    deadline: WireText<'a>,
+    pub(super) deadline: WireText<'a>,
     #[serde(borrow, default)]
-    confidence: Option<&'a RawValue>,
+    pub(super) confidence: Option<&'a RawValue>,
 }
 
 /// Decodes and validates one JSON AgentAction.
@@ -177,8 +177,17 @@ struct WireSignals<'a> {
 /// UTF-8 is checked once for the whole record, which is cheaper than
 /// serde_json's check of every string when reading from bytes.
 pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction<'_>, DecodeError> {
+    decode_with(bytes, true)
+}
+
+/// [`decode`], with or without the [`fast`](super::fast) reader first
+/// (without only for the tests that hold one against the other).
+pub(super) fn decode_with(bytes: &[u8], fast: bool) -> Result<AgentAction<'_>, DecodeError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| DecodeError::Json(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    if fast && let Some(wire) = super::fast::read(text) {
+        return validate(wire);
+    }
     match serde_json::from_str::<WireAction>(text) {
         Ok(wire) => validate(wire),
         Err(_) => Err(explain_failure(text)),

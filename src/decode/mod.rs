@@ -9,6 +9,7 @@
 //! [`DecodeError::reason`] in its headers.
 
 mod avro;
+mod fast;
 mod json;
 mod schemas;
 

@@ -133,68 +133,76 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8], at: usize) {
 /// The index of the first byte at or after `from` that needs an escape, or
 /// the length when none does. Long text is tested a block of [`BLOCK`]
 /// bytes at a time, then eight bytes at a time (the last word overlapping
-/// the one before it), and only a block or word that holds one is looked
-/// into; text shorter than a word is looked at byte by byte.
+/// the one before it); a word's [`escape_mask`] says where in it the first
+/// such byte is. Text shorter than a word is read as one ([`short_word`]).
+///
+/// The JSON reader ([`crate::decode`]) finds the end of every string with
+/// it (the closing quote is such a byte), so finding the place matters as
+/// much as finding none.
 pub(crate) fn first_escape(bytes: &[u8], from: usize) -> usize {
-    let mut from = from;
-    let mut rest = bytes.get(from..).unwrap_or_default();
-    while let Some((block, after)) = rest.split_first_chunk::<BLOCK>() {
-        if block_needs_escape(block) {
-            return from + position(block);
-        }
-        from += BLOCK;
-        rest = after;
-    }
+    let Some(rest) = bytes.get(from..) else {
+        return bytes.len();
+    };
+    let found = |at: usize, mask: u64| from + at + (mask.trailing_zeros() / 8) as usize;
     if rest.len() < 8 {
-        if !needs_escape(short_word(rest)) {
-            return bytes.len();
+        let mask = escape_mask(short_word(rest));
+        return if mask == 0 { bytes.len() } else { found(0, mask) };
+    }
+    let mut at = 0;
+    while let Some((block, _)) = rest[at..].split_first_chunk::<BLOCK>() {
+        if block_needs_escape(block) {
+            break;
         }
-        return from + position(rest);
+        at += BLOCK;
     }
     let word = |at: usize| {
         let mut word = [0u8; 8];
         word.copy_from_slice(&rest[at..at + 8]);
         u64::from_le_bytes(word)
     };
-    let mut i = 0;
-    while i + 8 <= rest.len() {
-        if needs_escape(word(i)) {
-            return from + i + position(&rest[i..i + 8]);
+    while at + 8 <= rest.len() {
+        let mask = escape_mask(word(at));
+        if mask != 0 {
+            return found(at, mask);
         }
-        i += 8;
+        at += 8;
     }
-    let last = rest.len() - 8;
-    if i < rest.len() && needs_escape(word(last)) {
-        // The bytes of this word before `i` were clean already.
-        return from + last + position(&rest[last..]);
+    if at < rest.len() {
+        // The bytes of this word before `at` were clean already, so its
+        // first flagged byte is at or after `at`.
+        let last = rest.len() - 8;
+        let mask = escape_mask(word(last));
+        if mask != 0 {
+            return found(last, mask);
+        }
     }
     bytes.len()
 }
 
-/// Text shorter than a word, as one word to test with [`needs_escape`]:
-/// read in two overlapping halves (a byte counted twice changes nothing
-/// for "is any byte one to escape"), the rest filled with a letter, which
-/// never is.
+/// Text shorter than a word as one word, each byte in its place: read in
+/// two overlapping halves (a byte read twice lands in the same place), the
+/// places after the text filled with a letter, which needs no escape.
 fn short_word(bytes: &[u8]) -> u64 {
-    debug_assert!(bytes.len() < 8, "longer text is tested word by word");
+    debug_assert!(bytes.len() < 8, "longer text is read word by word");
     const FILL: u64 = 0x4141_4141_4141_4141;
     let n = bytes.len();
     let two = |at: usize| {
         let mut half = [0u8; 2];
         half.copy_from_slice(&bytes[at..at + 2]);
-        u64::from(u16::from_le_bytes(half))
+        u64::from(u16::from_le_bytes(half)) << (8 * at)
     };
     let four = |at: usize| {
         let mut half = [0u8; 4];
         half.copy_from_slice(&bytes[at..at + 4]);
-        u64::from(u32::from_le_bytes(half))
+        u64::from(u32::from_le_bytes(half)) << (8 * at)
     };
-    match n {
-        0 => FILL,
-        1 => (FILL << 8) | u64::from(bytes[0]),
-        2..=3 => (FILL << 32) | (two(n - 2) << 16) | two(0),
-        _ => (four(n - 4) << 32) | four(0),
-    }
+    let text = match n {
+        0 => return FILL,
+        1 => u64::from(bytes[0]),
+        2..=3 => two(0) | two(n - 2),
+        _ => four(0) | four(n - 4),
+    };
+    text | (FILL << (8 * n))
 }
 
 /// How many bytes [`first_escape`] tests at once before it goes word by
@@ -210,24 +218,19 @@ fn block_needs_escape(block: &[u8; BLOCK]) -> bool {
     }) != 0
 }
 
-/// Where in `bytes` (which holds one) the first byte needing an escape is.
-fn position(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .position(|b| ESCAPE[*b as usize] != 0)
-        .unwrap_or(bytes.len())
-}
-
-/// Whether any of the eight bytes is below 0x20, a `"` or a `\`. (Bytes of
-/// 0x80 and up, UTF-8 beyond ASCII, are never escaped.)
-fn needs_escape(word: u64) -> bool {
+/// The high bit of each byte of `word` (little-endian) that is below 0x20,
+/// a `"` or a `\`, or 0 when none is. (Bytes of 0x80 and up, UTF-8 beyond
+/// ASCII, are never escaped.) Only the lowest flag is sure: a flagged
+/// byte's borrow can flag bytes above it too, never below, which is all
+/// [`first_escape`] needs.
+fn escape_mask(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let below_space = word.wrapping_sub(ONES * 0x20) & !word;
     let quote = word ^ (ONES * b'"' as u64);
     let backslash = word ^ (ONES * b'\\' as u64);
     let zero_in = |x: u64| x.wrapping_sub(ONES) & !x;
-    (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS != 0
+    (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS
 }
 
 /// serde_json's table: the letter after `\`, `u` for `\u00XX`, 0 for none.
@@ -683,6 +686,31 @@ mod tests {
                     let mut text: Vec<char> = "abcdefghijkl".chars().take(len).collect();
                     text[at] = escape;
                     same(&text.into_iter().collect::<String>());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_byte_to_escape_is_found_exactly_wherever_it_is() {
+        // A second escape (and bytes just above one, where a borrow could
+        // flag a clean byte) after the first must not move it.
+        for len in 0..80 {
+            let clean = vec![b'!'; len];
+            assert_eq!(first_escape(&clean, 0), len);
+            for at in 0..len {
+                for (first, after) in [(b'"', b'\\'), (0x1f, b'"'), (0, 0x21), (b'\\', 0x20)] {
+                    let mut text = clean.clone();
+                    text[at] = first;
+                    if at + 1 < len {
+                        text[at + 1] = after;
+                    }
+                    if at + 3 < len {
+                        text[at + 3] = b'"';
+                    }
+                    for from in [0, at / 2, at] {
+                        assert_eq!(first_escape(&text, from), at, "len {len}, at {at}, from {from}");
+                    }
                 }
             }
         }

@@ -259,6 +259,7 @@ impl RouteStage {
             let started = Instant::now();
             let polled = started.duration_since(polling);
             let handled = self.handle_batch(&batch, &matrix, self.clock.now());
+            let routed = started.elapsed();
             // Batches the revocation hook finished or gave up while polling
             // are settled before this one is checked for duplicates.
             let (completed, abandoned) = {
@@ -274,7 +275,7 @@ impl RouteStage {
                 counts,
             };
             lock(&pipeline).push(outputs, &offsets, batch.len(), done);
-            tracing::debug!(records = batch.len(), ?polled, elapsed = ?started.elapsed(), "batch sent");
+            tracing::debug!(records = batch.len(), ?polled, ?routed, elapsed = ?started.elapsed(), "batch sent");
         }
         // Stopping (or --max-events reached): the batches in hand are
         // finished and committed unless the broker is away.

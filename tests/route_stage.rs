@@ -67,6 +67,27 @@ fn routes_a_mixed_batch(guarantee: Guarantee) {
         n as u64
     );
     assert_eq!(metrics.events_allowed_total.get(), summary.allowed);
+    // Every rule that fired for a lane counts once per packet on it.
+    let mut fired: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for lane in &matrix.lanes {
+        for record in outputs.by_topic.get(&lane.topic).into_iter().flatten() {
+            let packet: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref().unwrap_or_default())
+                    .expect("packets are JSON");
+            for rule in packet["rules"].as_array().expect("a packet lists its rules") {
+                let rule = rule.as_str().expect("rule names are text").to_string();
+                *fired.entry((lane.name.clone(), rule)).or_default() += 1;
+            }
+        }
+    }
+    assert!(fired.len() > 3, "the mix fires several rules: {fired:?}");
+    for ((lane, rule), count) in &fired {
+        assert_eq!(
+            metrics.events_routed_total.with_label_values(&[lane, rule]).get(),
+            *count,
+            "events_routed_total{{lane={lane},rule={rule}}}"
+        );
+    }
     let mut by_reason: BTreeMap<&str, u64> = BTreeMap::new();
     for c in &cases {
         if let Expect::Dead(reason) = c.expect {

@@ -83,11 +83,21 @@ pub enum SinkError {
 /// thread of a stage, used to do itself.
 #[derive(Default)]
 pub struct DeliveryTracker {
-    reports: Mutex<Vec<(usize, Option<KafkaError>)>>,
+    reports: Mutex<Reports>,
     /// Reports received in all, counted under the lock above: a wait for
     /// the next one watches it move.
     received: AtomicU64,
     arrived: Condvar,
+}
+
+/// What the tracker's lock guards.
+#[derive(Default)]
+struct Reports {
+    taken: Vec<(usize, Option<KafkaError>)>,
+    /// Threads waiting on `arrived`. A report wakes them only when there
+    /// are some: a wake is a system call, and reports come two per action
+    /// while the stage's thread is mostly busy, not waiting.
+    waiting: usize,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -98,10 +108,13 @@ impl ProducerContext for DeliveryTracker {
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
         let error = result.as_ref().err().map(|(error, _)| error.clone());
         let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
-        reports.push((index, error));
+        reports.taken.push((index, error));
         self.received.fetch_add(1, Ordering::Relaxed);
+        let wake = reports.waiting > 0;
         drop(reports);
-        self.arrived.notify_all();
+        if wake {
+            self.arrived.notify_all();
+        }
     }
 }
 
@@ -393,7 +406,7 @@ impl Sink {
             .reports
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        std::mem::take(&mut *reports)
+        std::mem::take(&mut reports.taken)
     }
 
     /// Waits until a delivery report arrives or `wait` is over (reports are
@@ -404,10 +417,18 @@ impl Sink {
     /// loop, so every 1 ms wait spun a core.)
     pub(crate) fn poll_reports(&self, wait: Duration) {
         let tracker = self.producer.context();
-        let reports = tracker.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut reports = tracker.reports.lock().unwrap_or_else(PoisonError::into_inner);
         let before = tracker.received.load(Ordering::Relaxed);
-        let _ = tracker.arrived.wait_timeout_while(reports, wait, |_| {
-            tracker.received.load(Ordering::Relaxed) == before
-        });
+        // Counted under the lock a report is added under: a report either
+        // came before (and the wait below sees the count moved) or sees
+        // this waiter and wakes it.
+        reports.waiting += 1;
+        let (mut reports, _) = tracker
+            .arrived
+            .wait_timeout_while(reports, wait, |_| {
+                tracker.received.load(Ordering::Relaxed) == before
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        reports.waiting -= 1;
     }
 }

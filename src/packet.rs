@@ -56,6 +56,7 @@ pub struct ApprovalRequest<'a> {
     pub assignee: Option<Cow<'a, str>>,
     #[serde(
         serialize_with = "crate::rfc3339::option",
+        deserialize_with = "crate::rfc3339::deserialize_option",
         default,
         skip_serializing_if = "Option::is_none"
     )]
@@ -82,11 +83,17 @@ pub struct ApprovalRequest<'a> {
     pub payload: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Cow<'a, str>>,
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub occurred_at: DateTime<Utc>,
     pub enrichment: Cow<'a, Enrichment>,
     pub matrix_version: Cow<'a, str>,
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub routed_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decide: Option<Decide<'a>>,

@@ -39,9 +39,15 @@ pub struct PendingRecord<'a, P = ApprovalRequest<'a>> {
     /// 0 when routed; +1 with every change.
     pub revision: u64,
     pub matrix_version: Cow<'a, str>,
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub occurred_at: DateTime<Utc>,
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub routed_at: DateTime<Utc>,
     /// One state per review lane, in lane order.
     pub lanes: Vec<LaneState<'a>>,
@@ -53,6 +59,7 @@ pub struct PendingRecord<'a, P = ApprovalRequest<'a>> {
     pub outcome: Option<OutcomeKind>,
     #[serde(
         serialize_with = "crate::rfc3339::option",
+        deserialize_with = "crate::rfc3339::deserialize_option",
         default,
         skip_serializing_if = "Option::is_none"
     )]
@@ -76,13 +83,17 @@ pub struct LaneState<'a> {
     pub roster: Cow<'a, [String]>,
     /// Where this level's packet went.
     pub topic: Cow<'a, str>,
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub sla_due: DateTime<Utc>,
     /// When this level's reminder is due; `None` once it is sent, or when
     /// the matrix asks for none or the moment had passed before the level
     /// began.
     #[serde(
         serialize_with = "crate::rfc3339::option",
+        deserialize_with = "crate::rfc3339::deserialize_option",
         default,
         skip_serializing_if = "Option::is_none"
     )]

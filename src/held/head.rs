@@ -16,8 +16,9 @@ use crate::pending::Status;
 pub struct Head<'a> {
     pub revision: u64,
     pub status: Status,
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub routed_at: DateTime<Utc>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::rfc3339::deserialize_option")]
     pub closed_at: Option<DateTime<Utc>>,
     #[serde(borrow)]
     pub lanes: Vec<LaneHead<'a>>,
@@ -27,8 +28,9 @@ pub struct Head<'a> {
 pub struct LaneHead<'a> {
     #[serde(borrow)]
     pub lane: Cow<'a, str>,
+    #[serde(deserialize_with = "crate::rfc3339::deserialize")]
     pub sla_due: DateTime<Utc>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::rfc3339::deserialize_option")]
     pub remind_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub verdict: Option<IgnoredAny>,

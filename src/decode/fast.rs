@@ -139,20 +139,28 @@ impl<'a> Reader<'a> {
 
     /// An object: each key handed to `field`, which reads its value.
     fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
+        self.items(b'{', b'}', |r| {
+            let key = r.string()?;
+            r.eat(b':')?;
+            field(r, key)
+        })
+    }
+
+    /// Comma-separated items between `open` and `close`, each read by
+    /// `item`; none at all is fine, a comma before `close` is not.
+    fn items(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(open)?;
         self.blank();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.at += 1;
             return Some(());
         }
         loop {
-            let key = self.string()?;
-            self.eat(b':')?;
-            field(self, key)?;
+            item(self)?;
             self.blank();
             match self.peek()? {
                 b',' => self.at += 1,
-                b'}' => {
+                b if b == close => {
                     self.at += 1;
                     return Some(());
                 }
@@ -266,25 +274,12 @@ impl<'a> Reader<'a> {
     }
 
     fn strings(&mut self) -> Option<Vec<Str<'a>>> {
-        self.eat(b'[')?;
         let mut out = Vec::new();
-        self.blank();
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(out);
-        }
-        loop {
-            out.push(Str(Cow::Borrowed(self.string()?)));
-            self.blank();
-            match self.peek()? {
-                b',' => self.at += 1,
-                b']' => {
-                    self.at += 1;
-                    return Some(out);
-                }
-                _ => return None,
-            }
-        }
+        self.items(b'[', b']', |r| {
+            out.push(Str(Cow::Borrowed(r.string()?)));
+            Some(())
+        })?;
+        Some(out)
     }
 
     fn attributes(&mut self) -> Option<Attributes<'a>> {

@@ -131,52 +131,59 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8], at: usize) {
 }
 
 /// The index of the first byte at or after `from` that needs an escape, or
-/// the length when none does. Long text is tested a block of [`BLOCK`]
-/// bytes at a time, then eight bytes at a time (the last word overlapping
-/// the one before it); a word's [`escape_mask`] says where in it the first
-/// such byte is. Text shorter than a word is read as one ([`short_word`]).
+/// the length when none does. Text of sixteen bytes or more is tested a
+/// block at a time ([`block_mask`], the last block overlapping the one
+/// before it), shorter text as one or two words ([`escape_mask`]).
 ///
 /// The JSON reader ([`crate::decode`]) finds the end of every string with
 /// it (the closing quote is such a byte), so finding the place matters as
-/// much as finding none.
+/// much as finding none: most strings end within their first block.
 pub(crate) fn first_escape(bytes: &[u8], from: usize) -> usize {
     let Some(rest) = bytes.get(from..) else {
         return bytes.len();
     };
-    let found = |at: usize, mask: u64| from + at + (mask.trailing_zeros() / 8) as usize;
-    if rest.len() < 8 {
-        let mask = escape_mask(short_word(rest));
-        return if mask == 0 { bytes.len() } else { found(0, mask) };
+    match first_in(rest) {
+        Some(at) => from + at,
+        None => bytes.len(),
+    }
+}
+
+fn first_in(rest: &[u8]) -> Option<usize> {
+    let lowest = |at: usize, mask: u32| (mask != 0).then(|| at + mask.trailing_zeros() as usize);
+    if rest.len() < 16 {
+        return first_in_short(rest);
     }
     let mut at = 0;
-    while let Some((block, _)) = rest[at..].split_first_chunk::<BLOCK>() {
-        if block_needs_escape(block) {
-            break;
+    while let Some((block, _)) = rest[at..].split_first_chunk::<16>() {
+        let found = lowest(at, block_mask(block));
+        if found.is_some() {
+            return found;
         }
-        at += BLOCK;
+        at += 16;
+    }
+    if at == rest.len() {
+        return None;
+    }
+    // The last sixteen bytes: those before `at` were clean already.
+    let last = rest.len() - 16;
+    let (_, block) = rest.split_last_chunk::<16>()?;
+    lowest(at, block_mask(block) >> (at - last))
+}
+
+/// Text under sixteen bytes: one word, or two overlapping ones.
+fn first_in_short(rest: &[u8]) -> Option<usize> {
+    let lowest = |at: usize, mask: u64| (mask != 0).then(|| at + (mask.trailing_zeros() / 8) as usize);
+    if rest.len() < 8 {
+        return lowest(0, escape_mask(short_word(rest)));
     }
     let word = |at: usize| {
         let mut word = [0u8; 8];
         word.copy_from_slice(&rest[at..at + 8]);
         u64::from_le_bytes(word)
     };
-    while at + 8 <= rest.len() {
-        let mask = escape_mask(word(at));
-        if mask != 0 {
-            return found(at, mask);
-        }
-        at += 8;
-    }
-    if at < rest.len() {
-        // The bytes of this word before `at` were clean already, so its
-        // first flagged byte is at or after `at`.
-        let last = rest.len() - 8;
-        let mask = escape_mask(word(last));
-        if mask != 0 {
-            return found(last, mask);
-        }
-    }
-    bytes.len()
+    // The second word's flags below the first's end are ones the first
+    // word would have shown already.
+    lowest(0, escape_mask(word(0))).or_else(|| lowest(rest.len() - 8, escape_mask(word(rest.len() - 8))))
 }
 
 /// Text shorter than a word as one word, each byte in its place: read in
@@ -205,17 +212,40 @@ fn short_word(bytes: &[u8]) -> u64 {
     text | (FILL << (8 * n))
 }
 
-/// How many bytes [`first_escape`] tests at once before it goes word by
-/// word.
-const BLOCK: usize = 32;
+/// Bit `i` set when byte `i` of `block` needs an escape: a control
+/// character, `"` or `\`. Five SSE2 instructions where x86-64 has them
+/// (it always does), which is why [`first_escape`] goes by these blocks.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+fn block_mask(block: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+    };
+    // SAFETY: the load reads exactly the sixteen bytes `block` refers to
+    // (unaligned loads allow any address), and SSE2, all these need, is
+    // enabled (the cfg).
+    unsafe {
+        let v = _mm_loadu_si128(block.as_ptr().cast());
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // Unsigned `b <= 0x1F` as `min(b, 0x1F) == b`: bytes of 0x80 and
+        // up (UTF-8 beyond ASCII) are never flagged.
+        let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1F)), v);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+    }
+}
 
-/// Whether any byte of `block` needs an escape: written without early exits
-/// over a fixed size, so the compiler tests the block in a few vector
-/// instructions (a quarter of the eight-byte words' instructions per byte).
-fn block_needs_escape(block: &[u8; BLOCK]) -> bool {
-    block.iter().fold(0u8, |any, &b| {
-        any | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\')
-    }) != 0
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+fn block_mask(block: &[u8; 16]) -> u32 {
+    block_mask_portable(block)
+}
+
+/// [`block_mask`] in plain Rust: the one other targets use, and the one the
+/// vector version is tested against.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
+fn block_mask_portable(block: &[u8; 16]) -> u32 {
+    block.iter().enumerate().fold(0, |mask, (i, &b)| {
+        mask | (u32::from(b < 0x20 || b == b'"' || b == b'\\') << i)
+    })
 }
 
 /// The high bit of each byte of `word` (little-endian) that is below 0x20,
@@ -692,11 +722,31 @@ mod tests {
     }
 
     #[test]
+    fn the_vector_block_test_agrees_with_the_plain_one_on_every_byte_everywhere() {
+        for at in 0..16 {
+            for byte in 0..=255u8 {
+                // Around it, bytes that need no escape (one above and one
+                // below each flagged range) and UTF-8 beyond ASCII.
+                let mut block = *b"! #[]\x7f\x80\xff\xc3\xa9A~ 0z@";
+                block[at] = byte;
+                assert_eq!(
+                    block_mask(&block),
+                    block_mask_portable(&block),
+                    "{byte:#x} at {at}"
+                );
+                let flagged = byte < 0x20 || byte == b'"' || byte == b'\\';
+                assert_eq!(block_mask(&block), u32::from(flagged) << at, "{byte:#x} at {at}");
+            }
+        }
+    }
+
+    #[test]
     fn the_first_byte_to_escape_is_found_exactly_wherever_it_is() {
         // A second escape (and bytes just above one, where a borrow could
         // flag a clean byte) after the first must not move it.
         for len in 0..80 {
-            let clean = vec![b'!'; len];
+            // Clean text that sits next to the flagged ranges.
+            let clean: Vec<u8> = (0..len).map(|i| b"! #]\x80\xff"[i % 6]).collect();
             assert_eq!(first_escape(&clean, 0), len);
             for at in 0..len {
                 for (first, after) in [(b'"', b'\\'), (0x1f, b'"'), (0, 0x21), (b'\\', 0x20)] {

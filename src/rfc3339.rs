@@ -111,22 +111,29 @@ pub fn parse(text: &str) -> Option<DateTime<Utc>> {
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
         return None;
     }
-    let digits = |from: usize, to: usize| -> Option<u32> {
-        b[from..to].iter().try_fold(0u32, |n, d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
-        })
+    // Two digits at `at` as a number (a byte below '0' wraps past 9).
+    let two = |at: usize| -> Option<u32> {
+        let (tens, ones) = (b[at].wrapping_sub(b'0'), b[at + 1].wrapping_sub(b'0'));
+        (tens < 10 && ones < 10).then(|| u32::from(tens) * 10 + u32::from(ones))
     };
-    let year = digits(0, 4)?;
-    let (month, day) = (digits(5, 7)?, digits(8, 10)?);
-    let (hour, minute, second) = (digits(11, 13)?, digits(14, 16)?, digits(17, 19)?);
+    let year = two(0)? * 100 + two(2)?;
+    let (month, day) = (two(5)?, two(8)?);
+    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
     let (nano, end) = match b[19] {
         b'.' => {
-            let fraction = &b[20..];
-            let n = fraction.iter().take_while(|d| d.is_ascii_digit()).count();
-            if n == 0 || n > 9 {
+            let mut nano = 0u32;
+            let mut n = 0;
+            while let Some(d @ b'0'..=b'9') = b.get(20 + n).copied() {
+                if n == 9 {
+                    return None;
+                }
+                nano = nano * 10 + u32::from(d - b'0');
+                n += 1;
+            }
+            if n == 0 {
                 return None;
             }
-            (digits(20, 20 + n)? * 10u32.pow(9 - n as u32), 20 + n)
+            (nano * 10u32.pow(9 - n as u32), 20 + n)
         }
         _ => (0, 19),
     };

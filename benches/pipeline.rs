@@ -182,20 +182,18 @@ fn main() {
                 note: format!("{:.0} bytes per action", mean_size(&actions)),
             });
             eprintln!("== tansu: passthrough");
+            let cpu = Cpu::now(&tansu);
             let pass = passthrough(&bootstrap, input, "bench.copy", args.records, false);
-            rows.push(throughput_row(
-                "tansu",
-                "passthrough, at least once",
-                args.records,
-                pass,
+            rows.push(cpu.row(
+                &tansu,
+                throughput_row("tansu", "passthrough, at least once", args.records, pass),
             ));
             eprintln!("== tansu: route stage");
+            let cpu = Cpu::now(&tansu);
             route = run_route(&runtime, config.clone(), args.records);
-            rows.push(throughput_row(
-                "tansu",
-                "route stage, at least once",
-                args.records,
-                route,
+            rows.push(cpu.row(
+                &tansu,
+                throughput_row("tansu", "route stage, at least once", args.records, route),
             ));
             ratio = pass / route;
         }
@@ -434,6 +432,57 @@ fn as_avro(actions: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
             (key.clone(), common::avro(&value))
         })
         .collect()
+}
+
+/// CPU time of this process (the loop measured and its clients) and of the
+/// broker, taken before a step: on two shared cores, throughput follows the
+/// CPU each action costs both, and CPU time varies far less between runs
+/// than wall time does.
+struct Cpu {
+    here: f64,
+    broker: f64,
+}
+
+impl Cpu {
+    fn now(tansu: &Tansu) -> Cpu {
+        Cpu {
+            here: cpu_seconds("self"),
+            broker: tansu.pid().map_or(f64::NAN, |pid| cpu_seconds(&pid.to_string())),
+        }
+    }
+
+    /// `row` with the CPU per record spent since `self`.
+    fn row(self, tansu: &Tansu, row: Row) -> Row {
+        let after = Cpu::now(tansu);
+        let per = |seconds: f64| seconds / row.records as f64 * 1e6;
+        Row {
+            note: format!(
+                "{}; CPU/action {:.1} µs + broker {:.1} µs",
+                row.note,
+                per(after.here - self.here),
+                per(after.broker - self.broker)
+            ),
+            ..row
+        }
+    }
+}
+
+/// User + system CPU seconds of a process, from `/proc/PID/stat` (in
+/// clock ticks of 1/100 s: Linux's USER_HZ, fixed at 100 for /proc).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn mean_size(actions: &[(String, Vec<u8>)]) -> f64 {

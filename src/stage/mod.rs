@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod escalate;
+pub mod helpers;
 pub mod route;
 mod run;
 

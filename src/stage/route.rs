@@ -19,6 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::StageContext;
 use super::batch::{InputRecord, next_offsets, poll_batch, poll_owned_batch, rewind};
+use super::helpers::Helpers;
 use crate::changelog::TableReader;
 use crate::clock::Clock;
 use crate::config::{Config, Guarantee};
@@ -107,10 +108,13 @@ impl RouteStage {
         self.health.set_ready(true, "");
         tracing::info!(topic = %config.topics.actions, guarantee = ?config.guarantee, "route stage running");
 
-        let summary = match config.guarantee {
-            Guarantee::ExactlyOnce => self.run_transactions(&consumer, &sink, &stop)?,
-            Guarantee::AtLeastOnce => self.run_pipelined(&consumer, sink, &stop),
-        };
+        let summary = std::thread::scope(|scope| {
+            let helpers = Helpers::per_core(scope, MAX_HELPERS, "route-helper");
+            match config.guarantee {
+                Guarantee::ExactlyOnce => self.run_transactions(&consumer, &sink, &stop, &helpers),
+                Guarantee::AtLeastOnce => Ok(self.run_pipelined(&consumer, sink, &stop, &helpers)),
+            }
+        })?;
         self.health.set_ready(false, "shutting down");
         consumer.unsubscribe();
         tracing::info!(?summary, "route stage stopped");
@@ -127,11 +131,12 @@ impl RouteStage {
     }
 
     /// Exactly once: one transaction per batch, with its offsets.
-    fn run_transactions(
-        &self,
+    fn run_transactions<'s>(
+        &'s self,
         consumer: &BaseConsumer<StageContext>,
         sink: &Sink,
         stop: &AtomicBool,
+        helpers: &Helpers<'s>,
     ) -> Result<RouteSummary, KafkaStageError> {
         let config = &self.config;
         let mut summary = RouteSummary::default();
@@ -141,19 +146,19 @@ impl RouteStage {
             if limit == 0 {
                 break;
             }
-            let batch = poll_batch(
+            let batch = Arc::new(poll_batch(
                 consumer,
                 limit,
                 Duration::from_millis(100),
                 config.batch_wait,
                 &self.metrics,
-            );
+            ));
             if batch.is_empty() {
                 continue;
             }
             let matrix = self.matrix.current();
             let started = Instant::now();
-            let handled = self.handle_batch(&batch, &matrix, self.clock.now());
+            let handled = self.handle_batch(&batch, &matrix, self.clock.now(), helpers);
             let (outputs, fresh, counts) = self.assemble(handled, &mut InFlightIds::default());
             let offsets = next_offsets(&batch);
             match sink.write(&outputs, &offsets, consumer, stop) {
@@ -197,11 +202,12 @@ impl RouteStage {
     /// thread reads and routes the next batch while earlier ones are written.
     /// Actions in flight count as seen for the batches after them, and are
     /// marked seen for good once their batch is durable.
-    fn run_pipelined(
-        &self,
+    fn run_pipelined<'s>(
+        &'s self,
         consumer: &BaseConsumer<StageContext>,
         sink: Sink,
         stop: &Arc<AtomicBool>,
+        helpers: &Helpers<'s>,
     ) -> RouteSummary {
         let config = &self.config;
         let pipeline: Arc<Mutex<Pipeline<InFlightBatch>>> =
@@ -252,14 +258,20 @@ impl RouteStage {
                 Duration::from_millis(100)
             };
             let polling = Instant::now();
-            let batch = poll_owned_batch(consumer, limit, first, config.batch_wait, &self.metrics);
+            let batch = Arc::new(poll_owned_batch(
+                consumer,
+                limit,
+                first,
+                config.batch_wait,
+                &self.metrics,
+            ));
             if batch.is_empty() {
                 continue;
             }
             let matrix = self.matrix.current();
             let started = Instant::now();
             let polled = started.duration_since(polling);
-            let handled = self.handle_batch(&batch, &matrix, self.clock.now());
+            let handled = self.handle_batch(&batch, &matrix, self.clock.now(), helpers);
             let routed = started.elapsed();
             // Batches the revocation hook finished or gave up while polling
             // are settled before this one is checked for duplicates.
@@ -370,41 +382,52 @@ impl RouteStage {
         Ok((seen_reader, directory_reader))
     }
 
-    /// Handles a batch, in parallel when it is large enough to pay for a
-    /// thread: handling one record is pure, so the batch is cut into
-    /// contiguous slices, and joining their results in slice order keeps the
-    /// batch's order (which the duplicate check after it relies on).
-    pub fn handle_batch(&self, batch: &[InputRecord], matrix: &Matrix, now: DateTime<Utc>) -> Vec<Handled> {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        if workers < 2 || batch.len() < PARALLEL_FROM {
+    /// Handles a batch, shared with the helpers when it is large enough to
+    /// pay for waking them: handling one record is pure, so the batch is cut
+    /// into contiguous slices, and joining their results in slice order
+    /// keeps the batch's order (which the duplicate check after it relies
+    /// on).
+    pub fn handle_batch<'s>(
+        &'s self,
+        batch: &Arc<Vec<InputRecord>>,
+        matrix: &Arc<Matrix>,
+        now: DateTime<Utc>,
+        helpers: &Helpers<'s>,
+    ) -> Vec<Handled> {
+        if helpers.is_empty() || batch.len() < PARALLEL_FROM {
             return batch.iter().map(|r| self.handle(r, matrix, now)).collect();
         }
-        let slice = batch.len().div_ceil(workers);
-        std::thread::scope(|scope| {
-            let mut slices = batch.chunks(slice);
-            let first = slices.next().unwrap_or_default();
-            let handles: Vec<_> = slices
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|r| self.handle(r, matrix, now))
-                            .collect::<Vec<_>>()
-                    })
+        let slice = batch.len().div_ceil(helpers.len() + 1);
+        let results: Vec<_> = (slice..batch.len())
+            .step_by(slice)
+            .enumerate()
+            .map(|(i, from)| {
+                let (batch, matrix) = (batch.clone(), matrix.clone());
+                helpers.run(i, move || {
+                    let to = (from + slice).min(batch.len());
+                    batch[from..to]
+                        .iter()
+                        .map(|r| self.handle(r, &matrix, now))
+                        .collect::<Vec<_>>()
                 })
-                .collect();
-            // This thread takes the first slice rather than waiting idle.
-            let mut handled: Vec<Handled> = first.iter().map(|r| self.handle(r, matrix, now)).collect();
-            handled.reserve(batch.len() - first.len());
-            for h in handles {
-                match h.join() {
-                    Ok(results) => handled.extend(results),
-                    // handle() does not panic on input; if it ever did, the
-                    // panic is re-raised rather than dropping records.
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
+            })
+            .collect();
+        // This thread takes the first slice rather than waiting idle.
+        let mut handled: Vec<Handled> = batch[..slice]
+            .iter()
+            .map(|r| self.handle(r, matrix, now))
+            .collect();
+        handled.reserve(batch.len() - slice);
+        for result in results {
+            match result.recv() {
+                Ok(part) => handled.extend(part),
+                // handle() does not panic on input; if it ever did, the
+                // stage stops rather than dropping records (the scope
+                // re-raises the helper's panic).
+                Err(_) => panic!("a routing helper stopped with its slice of the batch unhandled"),
             }
-            handled
-        })
+        }
+        handled
     }
 
     /// Handles one record: never fails, every record becomes outputs or a
@@ -625,9 +648,13 @@ impl RouteStage {
     }
 }
 
-/// The smallest batch handled on more than one thread: a thread costs tens
-/// of microseconds to start, a record about ten to handle.
+/// The smallest batch shared with the helpers: waking one and taking its
+/// results back costs about as much as handling a record or two; the
+/// slices must be worth it.
 const PARALLEL_FROM: usize = 32;
+
+/// Helper threads beyond the loop thread, at most.
+const MAX_HELPERS: usize = 3;
 
 /// How many batches the at-least-once pipeline keeps in flight: enough to
 /// route one while the writes of those before it travel, few enough to

@@ -255,6 +255,13 @@ impl Tansu {
         panic!("tansu did not start; its last log:\n{}", tansu.log());
     }
 
+    /// The broker's process id while it runs (the benchmark reads its CPU
+    /// time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the broker process on `self.port`; false if it did not come up.
     fn launch(&mut self) -> bool {
         let binary = tansu_binary();

@@ -210,22 +210,25 @@ fn main() {
             );
             let actions = as_avro(&synthetic(args.records, "a"));
             load(&bootstrap, avro_input, &actions);
+            let cpu = Cpu::now(&tansu);
             let pass = passthrough(&bootstrap, avro_input, "bench.avro.copy", args.records, false);
-            rows.push(throughput_row(
-                "tansu",
-                &format!("passthrough, Avro ({:.0} B each)", mean_size(&actions)),
-                args.records,
-                pass,
+            rows.push(cpu.row(
+                &tansu,
+                throughput_row(
+                    "tansu",
+                    &format!("passthrough, Avro ({:.0} B each)", mean_size(&actions)),
+                    args.records,
+                    pass,
+                ),
             ));
             let mut avro = config.clone();
             avro.topics.actions = avro_input.into();
             avro.group_id = "bench-avro".into();
+            let cpu = Cpu::now(&tansu);
             let route = run_route(&runtime, avro, args.records);
-            rows.push(throughput_row(
-                "tansu",
-                "route stage, Avro, at least once",
-                args.records,
-                route,
+            rows.push(cpu.row(
+                &tansu,
+                throughput_row("tansu", "route stage, Avro, at least once", args.records, route),
             ));
             avro_ratio = pass / route;
         }
@@ -797,6 +800,9 @@ fn run_route(runtime: &tokio::runtime::Runtime, mut config: Config, n: usize) ->
     let route = summary.route.expect("a route summary");
     assert_eq!(route.handled, n as u64, "{route:?}");
     assert_eq!(route.dead, 0, "synthetic actions are valid: {route:?}");
+    // Each synthetic action is unique: every one routed or allowed once,
+    // or the step measured less work than it claims.
+    assert_eq!(route.routed + route.allowed, n as u64, "{route:?}");
     elapsed
 }
 

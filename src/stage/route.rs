@@ -427,6 +427,13 @@ impl RouteStage {
                 Err(_) => panic!("a routing helper stopped with its slice of the batch unhandled"),
             }
         }
+        // One result per record, in order: a record without one would be
+        // committed unwritten.
+        debug_assert_eq!(
+            handled.len(),
+            batch.len(),
+            "every record of the batch handled once"
+        );
         handled
     }
 

@@ -59,6 +59,11 @@ pub struct Raw<'a>(pub &'a [u8]);
 
 const RAW: &str = "$switchboard::encode::Raw";
 
+/// The struct name serde_json's `RawValue` serializes under (its one field,
+/// named the same, holds the JSON text): written as it is here too, as
+/// serde_json writes it.
+const SERDE_JSON_RAW: &str = "$serde_json::private::RawValue";
+
 impl Serialize for Raw<'_> {
     fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_newtype_struct(RAW, &RawInner(self.0))
@@ -351,6 +356,10 @@ impl<'a, 'o> ser::Serializer for &'a mut Encoder<'o> {
         Ok(())
     }
     fn serialize_str(self, v: &str) -> Result<(), EncodeError> {
+        if self.raw {
+            self.out.extend_from_slice(v.as_bytes());
+            return Ok(());
+        }
         write_str(self.out, v);
         Ok(())
     }
@@ -446,7 +455,12 @@ impl<'a, 'o> ser::Serializer for &'a mut Encoder<'o> {
         self.out.push(b'{');
         Ok(Compound::new(self, b"}"))
     }
-    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Compound<'a, 'o>, EncodeError> {
+    fn serialize_struct(self, name: &'static str, len: usize) -> Result<Compound<'a, 'o>, EncodeError> {
+        if name == SERDE_JSON_RAW {
+            let mut verbatim = Compound::new(self, b"");
+            verbatim.verbatim = true;
+            return Ok(verbatim);
+        }
         self.serialize_map(Some(len))
     }
     fn serialize_struct_variant(
@@ -468,6 +482,9 @@ pub struct Compound<'a, 'o> {
     enc: &'a mut Encoder<'o>,
     first: bool,
     close: &'static [u8],
+    /// serde_json's `RawValue`: its one field's text written as it is,
+    /// without braces or a key.
+    verbatim: bool,
 }
 
 impl<'a, 'o> Compound<'a, 'o> {
@@ -476,6 +493,7 @@ impl<'a, 'o> Compound<'a, 'o> {
             enc,
             first: true,
             close,
+            verbatim: false,
         }
     }
 
@@ -494,6 +512,12 @@ impl<'a, 'o> Compound<'a, 'o> {
     /// identifier or a `rename` in a type of this crate, never text that
     /// needs an escape, so it is copied without a scan (debug builds check).
     fn field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), EncodeError> {
+        if self.verbatim {
+            self.enc.raw = true;
+            let written = value.serialize(&mut *self.enc);
+            self.enc.raw = false;
+            return written;
+        }
         debug_assert_eq!(
             first_escape(key.as_bytes(), 0),
             key.len(),
@@ -719,6 +743,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn serde_json_raw_values_are_written_as_they_are_as_serde_json_writes_them() {
+        #[derive(Serialize)]
+        struct Holder {
+            before: u8,
+            packets: Vec<Box<serde_json::value::RawValue>>,
+            after: Option<Box<serde_json::value::RawValue>>,
+        }
+        let raw = |text: &str| serde_json::value::RawValue::from_string(text.to_string()).unwrap();
+        let holder = Holder {
+            before: 1,
+            packets: vec![raw(r#"{"a":"\u00e9\n","b":[1,2.5e3,null]}"#), raw("  \"text\" ")],
+            after: Some(raw("true")),
+        };
+        assert_eq!(to_vec(&holder).unwrap(), serde_json::to_vec(&holder).unwrap());
     }
 
     #[test]

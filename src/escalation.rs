@@ -20,7 +20,7 @@ use crate::decision::{Decision, LaneVerdict, Outcome, OutcomeKind, Verdict};
 use crate::matrix::{Field, Matrix};
 use crate::ordered::Ordered;
 use crate::packet::OwnedApprovalRequest;
-use crate::pending::{LaneState, OwnedPendingRecord, Status};
+use crate::pending::{HeldPacket, LaneState, OwnedPendingRecord, Status};
 
 /// What a decision or a timer changes.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,17 @@ pub struct Effects {
 }
 
 /// Why a decision was refused; the label of `decisions_rejected_total{reason}`.
+/// A level-0 packet that no longer parses, found when a step's packet is to
+/// be built from it: the approval is left as it is and the error logged, as
+/// for a held record that does not parse at all.
+#[derive(Debug, thiserror::Error)]
+#[error("the level-0 packet of lane {lane} does not parse: {source}")]
+pub struct UnreadablePacket {
+    pub lane: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Not a Decision at all.
@@ -118,7 +129,12 @@ pub fn decide(
 
 /// The SLA of lane `index` passed without a decision: ask the next step of
 /// its chain, or end the approval as expired when there is none.
-pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: DateTime<Utc>) -> Effects {
+pub fn fire(
+    record: &OwnedPendingRecord,
+    index: usize,
+    matrix: &Matrix,
+    now: DateTime<Utc>,
+) -> Result<Effects, UnreadablePacket> {
     let mut next = record.clone();
     next.revision += 1;
     let state = &record.lanes[index];
@@ -127,18 +143,19 @@ pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: Dat
         .and_then(|lane| matrix.chain(lane).get(state.level as usize));
     let (Some(step), Some(packet)) = (step, record.packets.get(index)) else {
         let outcome = close(&mut next, OutcomeKind::Expired, Some(state.lane.to_string()), now);
-        return Effects {
+        return Ok(Effects {
             record: next,
             packets: Vec::new(),
             outcome: Some(outcome),
             escalation: None,
             reminded: None,
-        };
+        });
     };
+    let packet = parse(packet, state)?;
     let assignee = step
         .from
         .as_ref()
-        .and_then(|field| resolve(field, packet))
+        .and_then(|field| resolve(field, &packet))
         .unwrap_or_else(|| step.assignee.clone());
     let sla_due = TimeDelta::from_std(step.sla)
         .ok()
@@ -161,50 +178,59 @@ pub fn fire(record: &OwnedPendingRecord, index: usize, matrix: &Matrix, now: Dat
         verdict: None,
     };
     let escalated = step_packet(packet, &next.lanes[index], now);
-    Effects {
+    Ok(Effects {
         escalation: Some((state.role.to_string(), step.assignee.clone())),
         record: next,
         packets: vec![(topic, escalated)],
         outcome: None,
         reminded: None,
-    }
+    })
+}
+
+fn parse(packet: &HeldPacket, state: &LaneState<'_>) -> Result<OwnedApprovalRequest, UnreadablePacket> {
+    packet.parse().map_err(|source| UnreadablePacket {
+        lane: state.lane.to_string(),
+        source,
+    })
 }
 
 /// Most of lane `index`'s step SLA passed without a decision: send the
 /// step's packet again to the same assignee, marked as a reminder, once.
-pub fn remind(record: &OwnedPendingRecord, index: usize, now: DateTime<Utc>) -> Effects {
+pub fn remind(
+    record: &OwnedPendingRecord,
+    index: usize,
+    now: DateTime<Utc>,
+) -> Result<Effects, UnreadablePacket> {
     let mut next = record.clone();
     next.revision += 1;
     next.lanes[index].remind_at = None;
     let state = &record.lanes[index];
-    let packets = record
-        .packets
-        .get(index)
-        .map(|packet| {
-            let mut reminder = step_packet(packet, state, now);
+    let packets = match record.packets.get(index) {
+        Some(packet) => {
+            let mut reminder = step_packet(parse(packet, state)?, state, now);
             reminder.reminder = true;
             reminder.time_left_seconds = Some((state.sla_due - now).num_seconds().max(0));
-            (state.topic.to_string(), reminder)
-        })
-        .into_iter()
-        .collect();
-    Effects {
+            vec![(state.topic.to_string(), reminder)]
+        }
+        None => Vec::new(),
+    };
+    Ok(Effects {
         record: next,
         packets,
         outcome: None,
         escalation: None,
         reminded: Some(state.lane.to_string()),
-    }
+    })
 }
 
 /// The packet of a lane's current step: its level-0 packet with the step's
 /// level, assignee, due time and roster.
 fn step_packet(
-    packet: &OwnedApprovalRequest,
+    packet: OwnedApprovalRequest,
     state: &LaneState<'_>,
     now: DateTime<Utc>,
 ) -> OwnedApprovalRequest {
-    let mut out = packet.clone();
+    let mut out = packet;
     out.escalation_level = Some(state.level);
     out.assignee = Some(Cow::Owned(state.assignee.to_string()));
     out.sla_due = Some(state.sla_due);

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::decision::{LaneVerdict, OutcomeKind};
 use crate::packet::ApprovalRequest;
@@ -66,8 +67,44 @@ pub struct PendingRecord<'a, P = ApprovalRequest<'a>> {
     pub closed_at: Option<DateTime<Utc>>,
 }
 
-/// A pending record read back from the changelog.
-pub type OwnedPendingRecord = PendingRecord<'static>;
+/// A pending record read back from the changelog, its packets as they were
+/// written.
+pub type OwnedPendingRecord = PendingRecord<'static, HeldPacket>;
+
+/// A level-0 packet as a pending record read back holds it: its JSON,
+/// written back as it is and parsed only when a step's packet is built from
+/// it. (Parsed, a timer burst parsed and wrote again every packet of every
+/// approval it touched, where a step needs one.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HeldPacket(Box<RawValue>);
+
+impl HeldPacket {
+    /// A packet as the route stage writes it.
+    pub fn of(packet: &ApprovalRequest<'_>) -> Result<HeldPacket, crate::encode::EncodeError> {
+        let json = crate::encode::to_vec(packet)?;
+        // The encoder writes JSON, in UTF-8.
+        let text = String::from_utf8(json).map_err(|e| crate::encode::EncodeError::Custom(e.to_string()))?;
+        RawValue::from_string(text)
+            .map(HeldPacket)
+            .map_err(|e| crate::encode::EncodeError::Custom(e.to_string()))
+    }
+
+    /// The packet, parsed.
+    pub fn parse(&self) -> Result<ApprovalRequest<'static>, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for HeldPacket {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
 
 /// Where one review lane stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use switchboard::decision::{Decision, OutcomeKind, Verdict};
 use switchboard::escalation::{self, Refusal, Timer, TimerKind, Timers};
 use switchboard::matrix::Matrix;
-use switchboard::pending::{LaneState, OwnedPendingRecord, Status};
+use switchboard::pending::{HeldPacket, LaneState, OwnedPendingRecord, Status};
 
 fn t(s: i64) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
@@ -33,6 +33,10 @@ fn lane(name: &str, role: &str, roster: &[&str], due: i64) -> LaneState<'static>
         remind_at: None,
         verdict: None,
     }
+}
+
+fn held(packet: &switchboard::packet::OwnedApprovalRequest) -> HeldPacket {
+    HeldPacket::of(packet).expect("a packet encodes")
 }
 
 /// A record pending on finance and customer, with real level-0 packets.
@@ -61,7 +65,7 @@ fn record() -> OwnedPendingRecord {
             lane("finance", "finance-approver", &["fran"], 2),
             lane("customer", "customer-owner", &["cora"], 2),
         ],
-        packets: vec![packet, customer],
+        packets: vec![held(&packet), held(&customer)],
         outcome: None,
         closed_at: None,
     }
@@ -142,7 +146,7 @@ fn the_chain_is_walked_then_expires() {
     let m = matrix();
     let r = record();
     // finance: finance-approver → finance-lead → manager (lane), each 2 s.
-    let one = escalation::fire(&r, 0, &m, t(2));
+    let one = escalation::fire(&r, 0, &m, t(2)).expect("its packets parse");
     let (topic, packet) = &one.packets[0];
     assert_eq!(topic, "approvals.finance");
     assert_eq!(packet.escalation_level, Some(1));
@@ -158,12 +162,12 @@ fn the_chain_is_walked_then_expires() {
     );
     assert!(one.record.lanes[0].may_decide("fiona"));
     assert!(!one.record.lanes[0].may_decide("fran"));
-    let two = escalation::fire(&one.record, 0, &m, t(4));
+    let two = escalation::fire(&one.record, 0, &m, t(4)).expect("its packets parse");
     assert_eq!(two.packets[0].0, "approvals.manager");
     assert_eq!(two.packets[0].1.lane.as_deref(), Some("finance"));
     assert_eq!(two.record.lanes[0].level, 2);
     assert!(two.record.lanes[0].may_decide("morgan"));
-    let end = escalation::fire(&two.record, 0, &m, t(6));
+    let end = escalation::fire(&two.record, 0, &m, t(6)).expect("its packets parse");
     assert!(end.packets.is_empty());
     let outcome = end.outcome.unwrap();
     assert_eq!(outcome.outcome, OutcomeKind::Expired);
@@ -174,15 +178,34 @@ fn the_chain_is_walked_then_expires() {
 fn assignees_resolve_from_enrichment() {
     let m = matrix();
     let r = record();
-    let step = escalation::fire(&r, 1, &m, t(2));
+    let step = escalation::fire(&r, 1, &m, t(2)).expect("its packets parse");
     assert_eq!(step.packets[0].1.assignee.as_deref(), Some("lena"));
     assert!(step.record.lanes[1].may_decide("lena"));
     // Without the directory record the role name is shown, and only the roster decides.
     let mut bare = record();
-    bare.packets[1].enrichment = Cow::Owned(Default::default());
-    let step = escalation::fire(&bare, 1, &m, t(2));
+    let mut customer = bare.packets[1].parse().unwrap();
+    customer.enrichment = Cow::Owned(Default::default());
+    bare.packets[1] = held(&customer);
+    let step = escalation::fire(&bare, 1, &m, t(2)).expect("its packets parse");
     assert_eq!(step.packets[0].1.assignee.as_deref(), Some("account-lead"));
     assert!(!step.record.lanes[1].may_decide("account-lead"));
+}
+
+#[test]
+fn a_packet_that_no_longer_parses_is_reported_when_a_step_needs_it() {
+    let m = matrix();
+    let mut r = record();
+    r.packets[0] = serde_json::from_str(r#"{"lane":5}"#).expect("any JSON is held");
+    let fired = escalation::fire(&r, 0, &m, t(2)).expect_err("no step without its packet");
+    assert_eq!(fired.lane, "finance");
+    assert!(escalation::remind(&r, 0, t(2)).is_err());
+    // The other lane's packet is not needed for it, nor read.
+    assert!(escalation::fire(&r, 1, &m, t(2)).is_ok());
+    // The record is written back with the packet as it was.
+    let written = switchboard::encode::to_vec(&r).unwrap();
+    let back: OwnedPendingRecord = serde_json::from_slice(&written).unwrap();
+    assert_eq!(back, r);
+    assert_eq!(back.packets[0].json(), r#"{"lane":5}"#);
 }
 
 #[test]
@@ -190,7 +213,7 @@ fn a_lane_missing_from_the_live_matrix_fails_closed() {
     let m = matrix();
     let mut r = record();
     r.lanes[0].lane = Cow::Borrowed("legal");
-    let end = escalation::fire(&r, 0, &m, t(2));
+    let end = escalation::fire(&r, 0, &m, t(2)).expect("its packets parse");
     assert_eq!(end.outcome.unwrap().outcome, OutcomeKind::Expired);
 }
 
@@ -264,7 +287,7 @@ fn reminders_fall_at_their_share_of_each_step() {
 
     // A step fired at t(2) with a 2 s SLA is reminded at 80 % of it.
     let m = matrix();
-    let one = escalation::fire(&record(), 0, &m, t(2));
+    let one = escalation::fire(&record(), 0, &m, t(2)).expect("its packets parse");
     assert_eq!(one.record.lanes[0].sla_due, t(4));
     assert_eq!(
         one.record.lanes[0].remind_at,
@@ -275,7 +298,9 @@ fn reminders_fall_at_their_share_of_each_step() {
 #[test]
 fn a_reminder_resends_the_current_step_once() {
     let m = matrix();
-    let mut r = escalation::fire(&record(), 0, &m, t(2)).record;
+    let mut r = escalation::fire(&record(), 0, &m, t(2))
+        .expect("its packets parse")
+        .record;
     let at = r.lanes[0].remind_at.expect("the step has a reminder");
     let timer = Timer {
         due: at,
@@ -284,7 +309,7 @@ fn a_reminder_resends_the_current_step_once() {
         kind: TimerKind::Remind,
     };
     assert!(escalation::is_current(&r, &timer, at));
-    let reminded = escalation::remind(&r, 0, at);
+    let reminded = escalation::remind(&r, 0, at).expect("its packets parse");
     let (topic, packet) = &reminded.packets[0];
     assert_eq!(topic, "approvals.finance", "the same lane's topic as the step");
     assert!(packet.reminder);

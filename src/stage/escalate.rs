@@ -805,6 +805,13 @@ impl EscalateStage {
                 } else {
                     escalation::fire(&record, timer.lane, &matrix, now)
                 };
+                let effects = match effects {
+                    Ok(effects) => effects,
+                    Err(e) => {
+                        tracing::error!(action_id = %timer.action_id, error = %e, "held approval unreadable; left alone");
+                        continue;
+                    }
+                };
                 if let Some(prepared) = self.prepare(&state.store, partition, effects) {
                     out.push(prepared);
                 }

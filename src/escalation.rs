@@ -36,7 +36,6 @@ pub struct Effects {
     pub reminded: Option<String>,
 }
 
-/// Why a decision was refused; the label of `decisions_rejected_total{reason}`.
 /// A level-0 packet that no longer parses, found when a step's packet is to
 /// be built from it: the approval is left as it is and the error logged, as
 /// for a held record that does not parse at all.
@@ -48,6 +47,7 @@ pub struct UnreadablePacket {
     pub source: serde_json::Error,
 }
 
+/// Why a decision was refused; the label of `decisions_rejected_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Not a Decision at all.

@@ -367,6 +367,12 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
         range.start + (seed >> 33) % (range.end - range.start)
     };
     let kills = KILLS * soak();
+    // What each killed instance may have left half written: the records
+    // past the group's committed offsets when it died. A kill that lands
+    // while an instance works off the backlog its predecessor's death left
+    // (the dead member holds its partitions until its session times out)
+    // can leave hundreds; a kill in a quiet moment, a burst or none.
+    let mut in_hand = 0;
     for kill in 0..kills {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut instance = route_instance(&format!("crash-{kill}"), &tansu, &addr);
@@ -381,6 +387,7 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
         });
         instance.signal("KILL");
         assert!(!instance.wait(Duration::from_secs(10)).success());
+        in_hand += uncommitted(&config, GROUP, &config.topics.actions);
     }
 
     let addr = format!("127.0.0.1:{}", free_port());
@@ -407,12 +414,13 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
     last.wait_success(Duration::from_secs(30));
 
     let copies = everything_once(&config, &matrix, &sent);
+    let most = in_hand as usize * max_lanes(&config, &matrix, &sent);
     assert!(
-        copies <= kills * MAX_IN_FLIGHT_COPIES * 3,
-        "{copies} packets written twice: more than the kills' in-flight batches"
+        copies <= most,
+        "{copies} packets written twice: more than the {in_hand} records past the committed offsets at the kills could write ({most})"
     );
     eprintln!(
-        "{} actions, {kills} kills, {copies} packets written again",
+        "{} actions, {kills} kills, {in_hand} records uncommitted at the kills, {copies} packets written again",
         sent.len()
     );
 }

@@ -664,6 +664,43 @@ pub fn committed_offsets(config: &Config, group: &str, topic: &str) -> BTreeMap<
         .collect()
 }
 
+/// How many records of `topic` lie past what `group` has committed: the
+/// most a member killed now can have been handling, so the most whose
+/// outputs its successor may write again.
+pub fn uncommitted(config: &Config, group: &str, topic: &str) -> i64 {
+    let committed = committed_offsets(config, group, topic);
+    let consumer: BaseConsumer = switchboard::kafka::consumer_config(config, group)
+        .create()
+        .expect("creating a watermarks client");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            high - committed.get(&p.id()).copied().unwrap_or(low).max(low)
+        })
+        .sum()
+}
+
+/// The most lanes any of `cases` is routed to under `matrix`: how many
+/// packets one action handled twice can write twice.
+pub fn max_lanes(config: &Config, matrix: &Matrix, cases: &[Case]) -> usize {
+    let decoder = Decoder::new(Arc::new(SchemaDir::bundled()), config.max_record_bytes);
+    cases
+        .iter()
+        .filter_map(|c| c.payload.as_deref())
+        .filter_map(|payload| decoder.decode(payload).ok())
+        .map(|action| expected_routing(matrix, &Directory::default(), &action).len())
+        .max()
+        .unwrap_or(0)
+}
+
 /// One past the last offset of each partition in `records`.
 pub fn end_offsets(records: &[ReadRecord]) -> BTreeMap<i32, i64> {
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();

@@ -133,6 +133,8 @@ struct Row {
 }
 
 fn main() {
+    // The binary's memory policy, for the route stage measured in this process.
+    switchboard::alloc::keep_freed_memory();
     let args = Args::parse();
     // The in-process route stage logs too when BENCH_STAGE_LOG asks.
     if let Ok(filter) = std::env::var("BENCH_STAGE_LOG") {

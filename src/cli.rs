@@ -313,6 +313,11 @@ fn run_cmd(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
+    if config.stage == Stage::Route && crate::alloc::keep_freed_memory() {
+        tracing::info!(
+            "freed memory is kept for reuse (the route stage alone; MIMALLOC_PURGE_DELAY overrides)"
+        );
+    }
     let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {

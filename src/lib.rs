@@ -35,11 +35,13 @@
 //! * [`inbox`]: `switchboard inbox`, what waits at a lane, for a person.
 //! * [`decide`]: `switchboard decide`, a person's answer as a Decision.
 //! * [`cli`]: the command line; `main.rs` only calls it.
+//! * [`alloc`]: the allocator's memory policy (freed memory kept for reuse).
 //!
 //! The core (decode → enrich → route → packet) is pure: plain values in,
 //! plain values out, no Kafka, so it is unit-tested and benchmarked directly.
 
 pub mod action;
+pub mod alloc;
 pub mod changelog;
 pub mod cli;
 pub mod clock;

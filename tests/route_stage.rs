@@ -951,3 +951,105 @@ fn a_fenced_producer_stops_and_its_successor_routes_every_action_once() {
         &Outputs::read(&config, &matrix),
     );
 }
+
+/// A record's own headers travel with it: the dead letter of a bad record
+/// carries them first, in order and byte for byte (a header without a
+/// value as an empty one), then switchboard's. The stage reads records
+/// where librdkafka holds them, so this is also the check that it reads
+/// their headers from there.
+fn a_dead_letter_keeps_the_record_headers(guarantee: Guarantee) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), guarantee);
+    kafka.create_topics(&config, &matrix);
+
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()
+        .expect("a producer");
+    let headers = || {
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "traceparent",
+                value: Some(b"00-4bf92f3577b34da6-00f067aa0ba902b7-01".as_slice()),
+            })
+            .insert(Header {
+                key: "empty",
+                value: None::<&[u8]>,
+            })
+            .insert(Header {
+                key: "bytes",
+                value: Some([0u8, 255, 10].as_slice()),
+            })
+    };
+    let valid = valid_cases("hdr", 1).remove(0);
+    for (key, payload) in [
+        (b"hdr-bad".as_slice(), b"{not json".as_slice()),
+        (
+            valid.key.as_deref().expect("a key"),
+            valid.payload.as_deref().expect("a value"),
+        ),
+    ] {
+        producer
+            .send(
+                BaseRecord::to(&config.topics.actions)
+                    .key(key)
+                    .payload(payload)
+                    .headers(headers()),
+            )
+            .map_err(|(e, _)| e)
+            .expect("sent");
+    }
+    producer.flush(Duration::from_secs(10)).expect("acknowledged");
+
+    config.max_events = Some(2);
+    let summary = run_stage(config.clone(), Metrics::new(), Duration::from_secs(60));
+    assert_eq!(
+        (summary.dead, summary.routed + summary.allowed),
+        (1, 1),
+        "{summary:?}"
+    );
+
+    let letters = read(&config, &[&config.topics.dlq]);
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.key.as_deref(), Some(b"hdr-bad".as_slice()));
+    assert_eq!(letter.payload.as_deref(), Some(b"{not json".as_slice()));
+    let original: Vec<(&str, &[u8])> = letter.headers[..3]
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    assert_eq!(
+        original,
+        vec![
+            (
+                "traceparent",
+                b"00-4bf92f3577b34da6-00f067aa0ba902b7-01".as_slice()
+            ),
+            ("empty", b"".as_slice()),
+            ("bytes", [0u8, 255, 10].as_slice()),
+        ]
+    );
+    assert_eq!(header(letter, "switchboard.reason"), Some("bad_json"));
+    assert!(
+        letter.headers[3..]
+            .iter()
+            .all(|(k, _)| k.starts_with("switchboard.")),
+        "the originals, then switchboard's only: {:?}",
+        letter.headers
+    );
+}
+
+#[test]
+fn a_dead_letter_keeps_the_record_headers_at_least_once() {
+    a_dead_letter_keeps_the_record_headers(Guarantee::AtLeastOnce);
+}
+
+#[test]
+fn a_dead_letter_keeps_the_record_headers_exactly_once() {
+    a_dead_letter_keeps_the_record_headers(Guarantee::ExactlyOnce);
+}

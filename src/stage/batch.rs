@@ -6,18 +6,19 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
 use crate::metrics::Metrics;
 
-pub use crate::kafka::InputRecord;
+pub use crate::kafka::{Input, InputRecord};
 
 /// `events_consumed_total{topic}` for a batch once it is durable.
-pub fn count_consumed(metrics: &Metrics, batch: &[InputRecord]) {
+pub fn count_consumed(metrics: &Metrics, batch: &[impl Input]) {
     let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
     for r in batch {
-        *by_topic.entry(r.topic.as_str()).or_default() += 1;
+        *by_topic.entry(r.view().topic).or_default() += 1;
     }
     for (topic, n) in by_topic {
         metrics
@@ -29,14 +30,15 @@ pub fn count_consumed(metrics: &Metrics, batch: &[InputRecord]) {
 
 /// Polls up to `limit` records: waits up to `first` for the first, then up to
 /// `wait` more for the rest, so a quiet topic costs no CPU and a busy one
-/// fills batches.
-pub fn poll_batch(
-    consumer: &BaseConsumer<StageContext>,
+/// fills batches. The records stay librdkafka's: a stage that keeps them
+/// past its next poll copies them ([`InputRecord::copy_of`]).
+pub fn poll_batch<'c>(
+    consumer: &'c BaseConsumer<StageContext>,
     limit: usize,
     first: Duration,
     wait: Duration,
     metrics: &Metrics,
-) -> Vec<InputRecord> {
+) -> Vec<BorrowedMessage<'c>> {
     poll(consumer, limit, first, wait, metrics, false)
 }
 
@@ -44,24 +46,24 @@ pub fn poll_batch(
 /// poll: their partitions may have moved, and the offsets committed before
 /// they were revoked are where their next owner (maybe this instance again,
 /// whose position the new assignment resets to them) reads them from.
-pub fn poll_owned_batch(
-    consumer: &BaseConsumer<StageContext>,
+pub fn poll_owned_batch<'c>(
+    consumer: &'c BaseConsumer<StageContext>,
     limit: usize,
     first: Duration,
     wait: Duration,
     metrics: &Metrics,
-) -> Vec<InputRecord> {
+) -> Vec<BorrowedMessage<'c>> {
     poll(consumer, limit, first, wait, metrics, true)
 }
 
-fn poll(
-    consumer: &BaseConsumer<StageContext>,
+fn poll<'c>(
+    consumer: &'c BaseConsumer<StageContext>,
     limit: usize,
     first: Duration,
     wait: Duration,
     metrics: &Metrics,
     owned_only: bool,
-) -> Vec<InputRecord> {
+) -> Vec<BorrowedMessage<'c>> {
     let mut batch = Vec::new();
     let deadline = Instant::now() + wait;
     let mut revocations = consumer.context().revocations();
@@ -87,7 +89,7 @@ fn poll(
             }
         }
         match polled {
-            Some(Ok(m)) => batch.push(InputRecord::copy_of(&m)),
+            Some(Ok(m)) => batch.push(m),
             Some(Err(e)) => {
                 metrics.kafka_errors_total.with_label_values(&["consume"]).inc();
                 consumer.context().note_error(&e);
@@ -114,10 +116,11 @@ fn whole_millis(wait: Duration) -> Duration {
 
 /// The offsets to commit after a batch: one past the last record of each
 /// partition.
-pub fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {
+pub fn next_offsets(batch: &[impl Input]) -> TopicPartitionList {
     let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for r in batch {
-        let e = last.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        let r = r.view();
+        let e = last.entry((r.topic, r.partition)).or_insert(r.offset);
         *e = (*e).max(r.offset);
     }
     let mut tpl = TopicPartitionList::new();
@@ -130,10 +133,11 @@ pub fn next_offsets(batch: &[InputRecord]) -> TopicPartitionList {
 
 /// Moves the consumer back to the first record of each partition in the
 /// batch, so a batch that was not made durable is read again.
-pub fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[InputRecord]) {
+pub fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[impl Input]) {
     let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for r in batch {
-        let e = first.entry((r.topic.as_str(), r.partition)).or_insert(r.offset);
+        let r = r.view();
+        let e = first.entry((r.topic, r.partition)).or_insert(r.offset);
         *e = (*e).min(r.offset);
     }
     for ((topic, partition), offset) in first {

@@ -291,7 +291,12 @@ impl EscalateStage {
                     .min(Duration::from_millis(100)),
                 None => Duration::from_millis(100),
             };
-            let batch = poll_batch(&consumer, limit, first, config.batch_wait, &self.metrics);
+            // Copied: records are kept past the next poll here.
+            let batch: Vec<InputRecord> =
+                poll_batch(&consumer, limit, first, config.batch_wait, &self.metrics)
+                    .iter()
+                    .map(InputRecord::copy_of)
+                    .collect();
             let now = self.clock.now();
             let mut work = Work::default();
             for record in &batch {

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::StageContext;
-use super::batch::{InputRecord, next_offsets, poll_batch, poll_owned_batch, rewind};
+use super::batch::{Input, next_offsets, poll_batch, poll_owned_batch, rewind};
 use super::helpers::Helpers;
 use crate::changelog::TableReader;
 use crate::clock::Clock;
@@ -133,7 +133,7 @@ impl RouteStage {
     /// Exactly once: one transaction per batch, with its offsets.
     fn run_transactions<'s>(
         &'s self,
-        consumer: &BaseConsumer<StageContext>,
+        consumer: &'s BaseConsumer<StageContext>,
         sink: &Sink,
         stop: &AtomicBool,
         helpers: &Helpers<'s>,
@@ -204,7 +204,7 @@ impl RouteStage {
     /// marked seen for good once their batch is durable.
     fn run_pipelined<'s>(
         &'s self,
-        consumer: &BaseConsumer<StageContext>,
+        consumer: &'s BaseConsumer<StageContext>,
         sink: Sink,
         stop: &Arc<AtomicBool>,
         helpers: &Helpers<'s>,
@@ -387,9 +387,9 @@ impl RouteStage {
     /// into contiguous slices, and joining their results in slice order
     /// keeps the batch's order (which the duplicate check after it relies
     /// on).
-    pub fn handle_batch<'s>(
+    pub fn handle_batch<'s, R: Input + Send + 's>(
         &'s self,
-        batch: &Arc<Vec<InputRecord>>,
+        batch: &Arc<Vec<R>>,
         matrix: &Arc<Matrix>,
         now: DateTime<Utc>,
         helpers: &Helpers<'s>,
@@ -439,20 +439,20 @@ impl RouteStage {
 
     /// Handles one record: never fails, every record becomes outputs or a
     /// dead letter.
-    pub fn handle(&self, record: &InputRecord, matrix: &Matrix, now: DateTime<Utc>) -> Handled {
+    pub fn handle(&self, record: &impl Input, matrix: &Matrix, now: DateTime<Utc>) -> Handled {
         let started = Instant::now();
-        let failed = Failed {
-            topic: &record.topic,
-            partition: record.partition,
-            offset: record.offset,
-            key: record.key.as_deref(),
-            payload: record.payload.as_deref(),
-            headers: &record.headers,
-        };
+        let record = record.view();
         let dead = |reason: &'static str, error: &str| Handled::Dead {
             output: dlq::dead_letter(
                 &self.config.topics.dlq,
-                failed,
+                Failed {
+                    topic: record.topic,
+                    partition: record.partition,
+                    offset: record.offset,
+                    key: record.key,
+                    payload: record.payload,
+                    headers: &record.headers(),
+                },
                 reason,
                 error,
                 now,
@@ -460,7 +460,7 @@ impl RouteStage {
             ),
             reason,
         };
-        let Some(payload) = record.payload.as_deref() else {
+        let Some(payload) = record.payload else {
             return dead("empty", "record has no value");
         };
         let mut scratch = Vec::new();
@@ -689,13 +689,14 @@ struct InFlightBatch {
 }
 
 /// Records per input topic of a batch.
-fn batch_topic_counts(batch: &[InputRecord]) -> BTreeMap<String, u64> {
+fn batch_topic_counts(batch: &[impl Input]) -> BTreeMap<String, u64> {
     let mut by_topic: BTreeMap<String, u64> = BTreeMap::new();
     for r in batch {
-        if let Some(n) = by_topic.get_mut(r.topic.as_str()) {
+        let topic = r.view().topic;
+        if let Some(n) = by_topic.get_mut(topic) {
             *n += 1;
         } else {
-            by_topic.insert(r.topic.clone(), 1);
+            by_topic.insert(topic.to_string(), 1);
         }
     }
     by_topic

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::kafka::RecordView;
 use crate::sink::Output;
 
 /// Header names on every dead letter.
@@ -24,17 +25,6 @@ pub const KEY_OMITTED: &str = "switchboard.key_omitted";
 /// the offending value, which can be nearly as large as the record.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
-/// A record that could not be handled, as it was read.
-#[derive(Debug, Clone, Copy)]
-pub struct Failed<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub headers: &'a [(String, Vec<u8>)],
-}
-
 /// The dead letter for a record: its original key and bytes, its original
 /// headers, then switchboard's. `reason` is a short label (also the metric
 /// label); `error` the full message (cut to [`MAX_ERROR_BYTES`]).
@@ -48,14 +38,15 @@ pub struct Failed<'a> {
 /// [`KEY_OMITTED`]); the source headers say where the original still is.
 pub fn dead_letter(
     dlq_topic: &str,
-    record: Failed<'_>,
+    record: RecordView<'_>,
     reason: &str,
     error: &str,
     now: DateTime<Utc>,
     max_bytes: usize,
 ) -> Output {
     let origin = record;
-    let mut headers = record.headers.to_vec();
+    let mut headers = record.headers();
+    let originals = headers.len();
     headers.push((REASON.into(), reason.as_bytes().to_vec()));
     headers.push((ERROR.into(), cut(error, MAX_ERROR_BYTES).into_bytes()));
     headers.push((SOURCE_TOPIC.into(), origin.topic.as_bytes().to_vec()));
@@ -77,12 +68,10 @@ pub fn dead_letter(
         out.headers
             .push((PAYLOAD_OMITTED.into(), payload.len().to_string().into_bytes()));
     }
-    if out.wire_size() > max_bytes && !record.headers.is_empty() {
-        out.headers.drain(..record.headers.len());
-        out.headers.push((
-            HEADERS_OMITTED.into(),
-            record.headers.len().to_string().into_bytes(),
-        ));
+    if out.wire_size() > max_bytes && originals > 0 {
+        out.headers.drain(..originals);
+        out.headers
+            .push((HEADERS_OMITTED.into(), originals.to_string().into_bytes()));
     }
     if out.wire_size() > max_bytes
         && let Some(key) = out.key.take()

@@ -241,7 +241,7 @@ pub trait Input: Sync {
     fn view(&self) -> RecordView<'_>;
 }
 
-/// The parts of an input record a stage reads.
+/// The parts of an input record a stage reads, and a dead letter carries on.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordView<'a> {
     pub topic: &'a str,

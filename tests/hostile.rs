@@ -473,20 +473,21 @@ fn oversized_decision_fields_are_refused() {
 /// that order, each noted with its size.
 #[test]
 fn a_dead_letter_always_fits_the_producer_limit() {
-    use switchboard::dlq::{Failed, dead_letter};
+    use switchboard::dlq::dead_letter;
+    use switchboard::kafka::{Input, InputRecord};
     let now = chrono::Utc::now();
     let limit = switchboard::config::DEFAULT_MESSAGE_MAX_BYTES;
     let big = vec![b'x'; 2 * 1024 * 1024];
     let headers = vec![("trace".to_string(), vec![b'h'; 1_100_000])];
     let error = "kind: \"".to_string() + &"K".repeat(900 * 1024) + "\" is not a dotted verb";
-    fn failed<'a>(key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -> Failed<'a> {
-        Failed {
-            topic: "agent.actions",
+    fn failed(key: Option<&[u8]>, payload: Option<&[u8]>) -> InputRecord {
+        InputRecord {
+            topic: "agent.actions".into(),
             partition: 1,
             offset: 7,
-            key,
-            payload,
-            headers: &[],
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.map(<[u8]>::to_vec),
+            headers: Vec::new(),
         }
     }
     let header = |o: &switchboard::sink::Output, name: &str| {
@@ -499,7 +500,7 @@ fn a_dead_letter_always_fits_the_producer_limit() {
     // Within the limit: everything kept, the long message cut to 1 KiB.
     let small = dead_letter(
         "dlq",
-        failed(Some(b"k"), Some(&big[..900_000])),
+        failed(Some(b"k"), Some(&big[..900_000])).view(),
         "invalid_field",
         &error,
         now,
@@ -517,7 +518,7 @@ fn a_dead_letter_always_fits_the_producer_limit() {
     // Over it: the value is left out.
     let over = dead_letter(
         "dlq",
-        failed(Some(b"k"), Some(&big)),
+        failed(Some(b"k"), Some(&big)).view(),
         "too_large",
         "record is 2 MB",
         now,
@@ -533,8 +534,8 @@ fn a_dead_letter_always_fits_the_producer_limit() {
 
     // Huge original headers, then a huge key, go too.
     let mut with_headers = failed(None, Some(b"{}"));
-    with_headers.headers = &headers;
-    let letter = dead_letter("dlq", with_headers, "invalid_field", "x", now, limit);
+    with_headers.headers = headers;
+    let letter = dead_letter("dlq", with_headers.view(), "invalid_field", "x", now, limit);
     assert!(letter.wire_size() <= limit);
     assert_eq!(
         header(&letter, "switchboard.payload_omitted").as_deref(),
@@ -548,7 +549,7 @@ fn a_dead_letter_always_fits_the_producer_limit() {
     let key = vec![b'k'; 1_500_000];
     let letter = dead_letter(
         "dlq",
-        failed(Some(&key), Some(b"{}")),
+        failed(Some(&key), Some(b"{}")).view(),
         "invalid_field",
         "x",
         now,

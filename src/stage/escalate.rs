@@ -25,13 +25,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
-use super::batch::{InputRecord, next_offsets, poll_batch, rewind};
+use super::batch::{Input, InputRecord, next_offsets, poll_batch, rewind};
 use crate::changelog::read_partition_each;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::decode::SchemaSource;
-use crate::dlq::{self, Failed};
+use crate::dlq;
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
 use crate::held::{Approvals, ById, Head, Held, Store};
 use crate::http::Health;
@@ -678,14 +678,7 @@ impl EscalateStage {
             work.refused.push(refusal.reason());
             work.outputs.push(dlq::dead_letter(
                 &self.config.topics.dlq,
-                Failed {
-                    topic: &input.topic,
-                    partition: input.partition,
-                    offset: input.offset,
-                    key: input.key.as_deref(),
-                    payload: input.payload.as_deref(),
-                    headers: &input.headers,
-                },
+                input.view(),
                 refusal.reason(),
                 &detail,
                 now,

@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::config::{Config, Guarantee};
 use crate::decode::Decoder;
 use crate::dedup::SeenIndex;
-use crate::dlq::{self, Failed};
+use crate::dlq;
 use crate::encode::{self, Raw};
 use crate::enrich::{Directory, enrich};
 use crate::http::Health;
@@ -445,14 +445,7 @@ impl RouteStage {
         let dead = |reason: &'static str, error: &str| Handled::Dead {
             output: dlq::dead_letter(
                 &self.config.topics.dlq,
-                Failed {
-                    topic: record.topic,
-                    partition: record.partition,
-                    offset: record.offset,
-                    key: record.key,
-                    payload: record.payload,
-                    headers: &record.headers(),
-                },
+                record,
                 reason,
                 error,
                 now,

@@ -636,20 +636,29 @@ pub fn read_to_markers(config: &Config, topics: &[&str]) -> Vec<ReadRecord> {
         .collect()
 }
 
-/// The offsets `group` has committed on `topic`, by partition (absent when
-/// nothing is committed).
-pub fn committed_offsets(config: &Config, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+/// A client of `group`'s offsets, with the partitions of `topic`.
+fn offsets_client(config: &Config, group: &str, topic: &str) -> (BaseConsumer, Vec<i32>) {
     let consumer: BaseConsumer = switchboard::kafka::consumer_config(config, group)
         .create()
         .expect("creating an offsets client");
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
+    let partitions = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    (consumer, partitions)
+}
+
+/// The offsets `group` has committed on `topic`, by partition (absent when
+/// nothing is committed).
+pub fn committed_offsets(config: &Config, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let (consumer, partitions) = offsets_client(config, group, topic);
     let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition(topic, p.id());
-        }
+    for p in partitions {
+        tpl.add_partition(topic, p);
     }
     let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
@@ -669,21 +678,14 @@ pub fn committed_offsets(config: &Config, group: &str, topic: &str) -> BTreeMap<
 /// outputs its successor may write again.
 pub fn uncommitted(config: &Config, group: &str, topic: &str) -> i64 {
     let committed = committed_offsets(config, group, topic);
-    let consumer: BaseConsumer = switchboard::kafka::consumer_config(config, group)
-        .create()
-        .expect("creating a watermarks client");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
-    metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions())
+    let (consumer, partitions) = offsets_client(config, group, topic);
+    partitions
+        .into_iter()
         .map(|p| {
             let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .expect("watermarks");
-            high - committed.get(&p.id()).copied().unwrap_or(low).max(low)
+            high - committed.get(&p).copied().unwrap_or(low).max(low)
         })
         .sum()
 }

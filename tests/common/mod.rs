@@ -294,6 +294,7 @@ impl Tansu {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            .dies_with_parent()
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let port = self.port;
@@ -713,6 +714,32 @@ pub fn end_offsets(records: &[ReadRecord]) -> BTreeMap<i32, i64> {
     ends
 }
 
+/// Child processes (brokers, switchboard instances) that end with the
+/// test or bench that started them, however it ends: `Drop` kills them
+/// when it unwinds, but an abort (a librdkafka assertion, a double panic)
+/// skips it and left brokers running behind a finished run.
+pub trait DiesWithParent {
+    fn dies_with_parent(&mut self) -> &mut Self;
+}
+
+impl DiesWithParent for Command {
+    fn dies_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only prctl runs, which is
+        // async-signal-safe and touches no memory of the parent. The
+        // signal comes when the spawning thread ends: each test (and the
+        // bench) starts its processes from the thread that waits for them.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
 // ------------------------------------------------- switchboard in-process ----
 
 /// `switchboard::stage::run` on its own thread and runtime; stopped on drop.
@@ -830,6 +857,7 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            .dies_with_parent()
             .spawn()
             .expect("spawning switchboard");
         Proc {

@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::kafka::{KafkaStageError, reader_config, restore_reader_config};
+use crate::kafka::{CLOSE_LIMIT, KafkaStageError, close_consumer, reader_config, restore_reader_config};
 
 /// Where a whole-topic read stops: (topic, partition, high watermark seen
 /// when it began), for the partitions that held anything.
@@ -122,6 +122,7 @@ impl TableReader {
                         flag.store(true, Ordering::Release);
                     }
                 }
+                close_consumer(consumer, CLOSE_LIMIT);
             })
             .map_err(|e| KafkaStageError::Other(format!("starting the {name} reader: {e}")))?;
         Ok(TableReader {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -230,6 +231,52 @@ pub async fn ensure_topics(config: &Config, matrix: &Matrix) -> Result<(), Kafka
         }
     }
     Ok(())
+}
+
+/// How long a consumer's close may take: a LeaveGroup round trip and the
+/// revocation it brings, well under a second on a healthy broker.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Closes a consumer (leaving its group, if it joined one), waiting at
+/// most `limit`; returns whether it closed in that time.
+///
+/// Dropping an rdkafka consumer closes it, and waits for as long as the
+/// close takes, which can be forever: for a LeaveGroup answer that does not
+/// come, or for an assignment that arrived mid-close to be revoked
+/// (librdkafka #4884). A stage stuck there would never exit on SIGTERM,
+/// however finished its work. So the drop runs on a thread of its own, and
+/// past the limit it is left there: the process is on its way out and takes
+/// the thread with it, the broker drops the member at its session timeout,
+/// and the offsets of everything done were committed before the close
+/// began. Records the close still delivers are dropped uncommitted, for the
+/// partitions' next owner to read again.
+pub fn close_consumer<C>(consumer: BaseConsumer<C>, limit: Duration) -> bool
+where
+    C: ConsumerContext + 'static,
+    BaseConsumer<C>: Send,
+{
+    let (closed, done) = std::sync::mpsc::channel();
+    let closing = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    if let Err(error) = closing {
+        // The consumer went down with the closure: dropped on this thread.
+        tracing::warn!(%error, "no thread to close the consumer on; closed it here");
+        return true;
+    }
+    match done.recv_timeout(limit) {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::error!(
+                limit_s = limit.as_secs(),
+                "the consumer did not close in time; the broker drops it from its group at the session timeout"
+            );
+            false
+        }
+    }
 }
 
 /// An input record as a stage reads it, borrowed from wherever it is held.

@@ -107,3 +107,47 @@ fn injected_errors_and_a_broker_outage_lose_and_double_nothing() {
         &Outputs::read(&config, &matrix),
     );
 }
+
+/// A stage's consumer leaves its group when the stage stops, and the close
+/// waits for the broker's answer. When the answer does not come (here every
+/// response is held back a minute), the close is given up at its limit so
+/// the process can exit; when it comes, the close completes.
+#[test]
+fn a_consumer_close_the_broker_does_not_answer_is_given_up_at_its_limit() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use switchboard::kafka::{close_consumer, consumer_config};
+    use switchboard::stage::StageContext;
+
+    let kafka = MockKafka::new();
+    let config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::AtLeastOnce);
+    kafka.create_topic(&config.topics.actions, 3);
+    let joined = |group: &str| -> BaseConsumer<StageContext> {
+        let consumer: BaseConsumer<StageContext> = consumer_config(&config, group)
+            .create_with_context(StageContext::new(Metrics::new()))
+            .expect("a consumer");
+        consumer
+            .subscribe(&[config.topics.actions.as_str()])
+            .expect("subscribed");
+        let limit = deadline(30);
+        while !consumer.context().assigned.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < limit, "no assignment within 30 s");
+            consumer.poll(Duration::from_millis(50));
+        }
+        consumer
+    };
+
+    assert!(
+        close_consumer(joined("answered"), Duration::from_secs(10)),
+        "a close the broker answers completes"
+    );
+
+    let stuck = joined("unanswered");
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(60))
+        .expect("delaying the broker");
+    assert!(
+        !close_consumer(stuck, Duration::from_secs(1)),
+        "a close waiting on the broker's answer is reported as not done"
+    );
+}

@@ -14,14 +14,18 @@ if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q
   cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
 fi
 
-# promtool, from Debian's prometheus package: the alert rules are checked and
-# unit-tested with it, and tests/ops.rs parses every dashboard query with it.
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "== installing Debian's prometheus package (for promtool)"
+# Debian packages: promtool (from prometheus), with which the alert rules are
+# checked and unit-tested and tests/ops.rs parses every dashboard query; and
+# gdb, with which a test reports where a process that did not exit waits.
+PACKAGES=()
+command -v promtool >/dev/null 2>&1 || PACKAGES+=(prometheus)
+command -v gdb >/dev/null 2>&1 || PACKAGES+=(gdb)
+if [ ${#PACKAGES[@]} -gt 0 ]; then
+  echo "== installing Debian's ${PACKAGES[*]}"
   SUDO=()
   if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
   "${SUDO[@]}" apt-get update
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${PACKAGES[@]}"
 fi
 
 # Schema validators from PyPI, in a virtualenv of their own. Both bundle their

@@ -35,7 +35,7 @@ use crate::dlq;
 use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
 use crate::held::{Approvals, ById, Head, Held, Store};
 use crate::http::Health;
-use crate::kafka::{KafkaStageError, escalation_consumer_config};
+use crate::kafka::{CLOSE_LIMIT, KafkaStageError, close_consumer, escalation_consumer_config};
 use crate::metrics::Metrics;
 use crate::pending::{OwnedPendingRecord, Status};
 use crate::reload::MatrixHandle;
@@ -356,7 +356,7 @@ impl EscalateStage {
             }
         }
         self.health.set_ready(false, "shutting down");
-        consumer.unsubscribe();
+        close_consumer(consumer, CLOSE_LIMIT);
         tracing::info!(?summary, "escalation stage stopped");
         Ok(summary)
     }

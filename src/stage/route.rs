@@ -29,7 +29,7 @@ use crate::dlq;
 use crate::encode::{self, Raw};
 use crate::enrich::{Directory, enrich};
 use crate::http::Health;
-use crate::kafka::{KafkaStageError, consumer_config};
+use crate::kafka::{CLOSE_LIMIT, KafkaStageError, close_consumer, consumer_config};
 use crate::matrix::{LaneId, Matrix, RuleId};
 use crate::metrics::Metrics;
 use crate::packet::{self, PacketInput};
@@ -116,7 +116,7 @@ impl RouteStage {
             }
         })?;
         self.health.set_ready(false, "shutting down");
-        consumer.unsubscribe();
+        close_consumer(consumer, CLOSE_LIMIT);
         tracing::info!(?summary, "route stage stopped");
         Ok(summary)
     }

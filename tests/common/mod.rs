@@ -847,6 +847,33 @@ pub struct Proc {
     _dir: tempfile::TempDir,
 }
 
+/// Every thread's stack of a running process (gdb, when the machine has
+/// it), so a process that does not exit says where it waits.
+fn stacks(pid: u32) -> String {
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "gdb",
+            "-batch",
+            "-p",
+            &pid.to_string(),
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("Thread ") || l.starts_with('#'))
+            .map(|l| l.chars().take(160).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Ok(out) => format!("(gdb failed: {})", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => format!("(no gdb: {e})"),
+    }
+}
+
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -901,8 +928,9 @@ impl Proc {
         });
         let status = status.unwrap_or_else(|| {
             panic!(
-                "{} did not exit within {limit:?}; log:\n{}",
+                "{} did not exit within {limit:?}; where its threads are:\n{}\nlog:\n{}",
                 self.name,
+                stacks(self.pid()),
                 tail(&self.log(), 40)
             )
         });

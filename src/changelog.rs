@@ -151,7 +151,8 @@ impl Drop for TableReader {
     fn drop(&mut self) {
         self.halt.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
-            // The thread checks `halt` at least every 100 ms.
+            // The thread checks `halt` at least every 100 ms, then closes
+            // its consumer within `CLOSE_LIMIT`.
             let _ = h.join();
         }
     }

@@ -183,7 +183,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<AgentAction<'_>, DecodeError> {
 /// [`decode`], with or without the [`fast`](super::fast) reader first
 /// (without only for the tests that hold one against the other).
 pub(super) fn decode_with(bytes: &[u8], fast: bool) -> Result<AgentAction<'_>, DecodeError> {
-    let text = std::str::from_utf8(bytes)
+    let text = super::utf8(bytes)
         .map_err(|e| DecodeError::Json(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     if fast && let Some(wire) = super::fast::read(text) {
         return validate(wire);
@@ -240,13 +240,10 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction<'_>, DecodeError> {
         target,
         signals,
         // Like optional fields, an empty attribute says nothing.
-        attributes: w
-            .attributes
-            .map(|a| a.0)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(_, v)| !blank(v))
-            .collect(),
+        attributes: w.attributes.map_or_else(Default::default, |Attributes(mut map)| {
+            map.retain(|_, v| !blank(v));
+            map
+        }),
         payload: optional(w.payload),
     })
 }

@@ -194,7 +194,7 @@ impl Held {
         let bytes = store.unpack(&self.blob)?;
         // One UTF-8 check for the whole record costs less than serde_json's
         // check of each string when reading from bytes.
-        match std::str::from_utf8(&bytes) {
+        match crate::decode::utf8(&bytes) {
             Ok(text) => Ok(serde_json::from_str(text)?),
             Err(_) => Ok(serde_json::from_slice(&bytes)?),
         }

@@ -162,7 +162,7 @@ pub fn check_action(a: &AgentAction<'_>, input: &[u8]) {
             not_blank(field, v, input);
         }
     }
-    for (key, value) in &a.attributes {
+    for (key, value) in a.attributes.iter() {
         not_blank(&format!("attributes.{key}"), value, input);
     }
     assert!(

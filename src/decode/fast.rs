@@ -17,11 +17,11 @@
 //! same (property-tested against it).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use serde_json::value::RawValue;
 
 use super::json::{Attributes, Str, WireAction, WireSignals, WireTarget, WireText};
+use crate::action;
 use crate::encode::first_escape;
 
 /// Reads `text` as a [`WireAction`], or `None` when it is not the plain
@@ -283,15 +283,13 @@ impl<'a> Reader<'a> {
     }
 
     fn attributes(&mut self) -> Option<Attributes<'a>> {
-        let mut map = BTreeMap::new();
+        let mut pairs = Vec::new();
         self.object(|r, key| {
-            let value = r.string()?;
-            // A key given twice: serde's reader refuses it, and says so.
-            map.insert(Cow::Borrowed(key), Cow::Borrowed(value))
-                .is_none()
-                .then_some(())
+            pairs.push((Cow::Borrowed(key), Cow::Borrowed(r.string()?)));
+            Some(())
         })?;
-        Some(Attributes(map))
+        // A key given twice: serde's reader refuses it, and says so.
+        action::Attributes::distinct(pairs).map(Attributes)
     }
 }
 

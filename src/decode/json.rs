@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::DecodeError;
-use crate::action::{AgentAction, Audience, DataClassification, Environment, Signals, Target};
+use crate::action::{self, AgentAction, Audience, DataClassification, Environment, Signals, Target};
 
 type Text<'a> = Option<Cow<'a, str>>;
 /// A text field as read: [`Str`], since serde's `borrow` does not reach
@@ -57,7 +57,7 @@ pub(super) struct WireAction<'a> {
 /// "enterprise"}` would be routed on one value while a log or a reviewer
 /// reading the first saw the other. (Duplicate fields of the action itself
 /// are refused by serde already.)
-pub(super) struct Attributes<'a>(pub(super) BTreeMap<Cow<'a, str>, Cow<'a, str>>);
+pub(super) struct Attributes<'a>(pub(super) action::Attributes<'a>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
@@ -78,7 +78,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
                     }
                     out.insert(key, value);
                 }
-                Ok(Attributes(out))
+                Ok(Attributes(out.into_iter().collect()))
             }
         }
         de.deserialize_map(Visit(std::marker::PhantomData))
@@ -240,10 +240,12 @@ fn validate(w: WireAction<'_>) -> Result<AgentAction<'_>, DecodeError> {
         target,
         signals,
         // Like optional fields, an empty attribute says nothing.
-        attributes: w.attributes.map_or_else(Default::default, |Attributes(mut map)| {
-            map.retain(|_, v| !blank(v));
-            map
-        }),
+        attributes: w
+            .attributes
+            .map_or_else(Default::default, |Attributes(mut attributes)| {
+                attributes.retain(|_, v| !blank(v));
+                attributes
+            }),
         payload: optional(w.payload),
     })
 }

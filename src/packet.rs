@@ -132,7 +132,7 @@ impl<'a> ContextValue<'a> {
         Some(match v {
             Val::Absent => return None,
             Val::Text(t) => ContextValue::Text(Cow::Borrowed(t)),
-            Val::Decimal(d) => ContextValue::Text(Cow::Owned(d.to_string())),
+            Val::Decimal(d) => ContextValue::Text(Cow::Owned(crate::matrix::decimal_text(d))),
             Val::Count(n) => ContextValue::Count(n),
             Val::Bool(b) => ContextValue::Bool(b),
             Val::List(items) => ContextValue::List(items.iter().map(|i| Cow::Borrowed(i.as_ref())).collect()),

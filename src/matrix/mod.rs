@@ -17,7 +17,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 pub use cases::{CaseFailure, CaseReport, TestCase};
 pub use condition::{Cmp, Condition, Matcher, Pattern};
-pub use field::{Builtin, Field, FieldType, Val};
+pub use field::{Builtin, Field, FieldType, Val, decimal_text};
 pub use load::{MatrixError, parse_duration};
 pub use yaml::Pos;
 

@@ -18,9 +18,7 @@
 
 use std::borrow::Cow;
 
-use serde_json::value::RawValue;
-
-use super::json::{Attributes, Str, WireAction, WireSignals, WireTarget, WireText};
+use super::json::{Attributes, Raw, Str, WireAction, WireSignals, WireTarget, WireText};
 use crate::action;
 use crate::encode::first_escape;
 
@@ -194,22 +192,55 @@ impl<'a> Reader<'a> {
     }
 
     /// A string or a number, as the raw JSON text serde's `RawValue` would
-    /// borrow (checked by serde_json itself, which is cheap on a few bytes).
-    fn raw(&mut self) -> Option<&'a RawValue> {
+    /// borrow: a string without escapes, or a number in JSON's grammar.
+    fn raw(&mut self) -> Option<Raw<'a>> {
         self.blank();
         let start = self.at;
         match self.peek()? {
             b'"' => {
                 self.string()?;
             }
-            b'-' | b'0'..=b'9' => {
-                while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') = self.peek() {
-                    self.at += 1;
-                }
-            }
+            b'-' | b'0'..=b'9' => self.number()?,
             _ => return None,
         }
-        serde_json::from_str(self.text.get(start..self.at)?).ok()
+        self.text.get(start..self.at).map(Raw)
+    }
+
+    /// A JSON number: `-`, then `0` or digits not starting with `0`, then
+    /// an optional fraction and exponent, each with at least one digit.
+    fn number(&mut self) -> Option<()> {
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.peek()? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            self.some_digits()?;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.at += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.at += 1;
+            }
+            self.some_digits()?;
+        }
+        Some(())
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn some_digits(&mut self) -> Option<()> {
+        let start = self.at;
+        self.digits();
+        (self.at > start).then_some(())
     }
 
     fn target(&mut self) -> Option<WireTarget<'a>> {
@@ -363,7 +394,7 @@ mod tests {
                 "null", "true", "false", "0", "12", "-3", "1.5", "1e2", "007", "0.82", "18446744073709551615",
                 "18446744073709551616", "[]", "{}", "[\"a\",\"b\"]", "[\"a\",1]", "nul", "\"2026-03-14T09:26:53Z\"",
                 "\"refund.issue\"", "\"production\"", "\"pii\"", "\"external\"", "\"EUR\"", "\"1249.00\"",
-                "\"1e3\"", "-0", "1.", ".5", "1e", "--1",
+                "\"1e3\"", "-0", "1.", ".5", "1e", "--1", "01", "-01", "1.5e+3", "2E-2", "-", "0.5.1", "1e+", "1.e3",
             ])
             .prop_map(String::from),
         ]

@@ -114,6 +114,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
+/// A value's JSON text as the record has it (a string with its quotes, or
+/// a number), for decimals, which are read from either.
+pub(super) struct Raw<'a>(pub(super) &'a str);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        <&'de RawValue>::deserialize(de).map(|raw| Raw(raw.get()))
+    }
+}
+
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct WireTarget<'a> {
@@ -133,7 +143,7 @@ pub(super) struct WireSignals<'a> {
     #[serde(borrow, default)]
     pub(super) data_classification: WireText<'a>,
     #[serde(borrow, default)]
-    pub(super) amount: Option<&'a RawValue>,
+    pub(super) amount: Option<Raw<'a>>,
     #[serde(borrow, default)]
     pub(super) currency: WireText<'a>,
     #[serde(default)]
@@ -165,7 +175,7 @@ pub(super) struct WireSignals<'a> {
     #[serde(borrow, default)]
     pub(super) deadline: WireText<'a>,
     #[serde(borrow, default)]
-    pub(super) confidence: Option<&'a RawValue>,
+    pub(super) confidence: Option<Raw<'a>>,
 }
 
 /// Decodes and validates one JSON AgentAction.
@@ -402,8 +412,7 @@ fn timestamp(text: &str, field: &str) -> Result<DateTime<Utc>, DecodeError> {
 /// formatted as text looks like (Python's `str(1e-05)`, Java's
 /// `BigDecimal.toString`), the very rounding the string form exists to
 /// avoid, so the agent is told to send plain digits instead.
-fn decimal(raw: &RawValue, field: &str) -> Result<Decimal, DecodeError> {
-    let text = raw.get();
+fn decimal(Raw(text): Raw<'_>, field: &str) -> Result<Decimal, DecodeError> {
     let not_decimal = || DecodeError::field(field, format!("{text} is not a decimal"));
     let inner: Cow<'_, str> = if text.starts_with('"') {
         // A quoted decimal has no escapes; one with any is unquoted by

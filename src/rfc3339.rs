@@ -71,8 +71,13 @@ pub fn format<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; LONGEST]) -> Option<&'b s
     }
     buf[len] = b'Z';
     len += 1;
-    // Only ASCII digits and separators were written.
-    std::str::from_utf8(&buf[..len]).ok()
+    let text = &buf[..len];
+    debug_assert!(text.is_ascii(), "only digits and separators are written");
+    // SAFETY: every byte of `text` was written above, each an ASCII digit
+    // (`b'0'` plus a value under 10) or separator, and ASCII is UTF-8.
+    // (std's check was a third of this function's instructions, ten times
+    // per routed action.)
+    Some(unsafe { std::str::from_utf8_unchecked(text) })
 }
 
 fn two(out: &mut [u8], n: u32) {

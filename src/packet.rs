@@ -125,11 +125,14 @@ pub struct Decide<'a> {
 /// action when encoded one by one), so they are written from their JSON
 /// text, made once. Serializers other than the stages' see the same JSON:
 /// serde_json's raw values are written as they are.
+// serde's `serialize_with` hands over a reference to the field's own type.
+#[allow(clippy::ptr_arg)]
 fn verdicts_json<S: serde::Serializer>(list: &Cow<'_, [Cow<'_, str>]>, s: S) -> Result<S::Ok, S::Error> {
     static JSON: LazyLock<Box<RawValue>> = LazyLock::new(|| list_json(VERDICTS));
     constant_list(list, VERDICTS, &JSON, s)
 }
 
+#[allow(clippy::ptr_arg)]
 fn fields_json<S: serde::Serializer>(list: &Cow<'_, [Cow<'_, str>]>, s: S) -> Result<S::Ok, S::Error> {
     static JSON: LazyLock<Box<RawValue>> = LazyLock::new(|| list_json(DECISION_FIELDS));
     constant_list(list, DECISION_FIELDS, &JSON, s)

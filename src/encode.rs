@@ -94,7 +94,14 @@ struct Encoder<'o> {
 /// copy; only text holding an escape goes through [`write_escaped`].
 #[inline]
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
+    write_text(out, s.as_bytes());
+}
+
+/// [`write_str`] for text whose UTF-8 the caller checks as a whole later
+/// (the Avro reader's output): bytes of 0x80 and up are copied as they
+/// are, like the letters of valid text.
+#[inline]
+pub(crate) fn write_text(out: &mut Vec<u8>, bytes: &[u8]) {
     let at = first_escape(bytes, 0);
     if at < bytes.len() {
         return write_escaped(out, bytes, at);

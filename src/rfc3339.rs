@@ -20,7 +20,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// `2026-11-26T02:44:16.123456789Z` is the longest form within years 0–9999.
-const LONGEST: usize = 30;
+pub const LONGEST: usize = 30;
 
 /// Writes `t` into `buf` and returns the text, or `None` for a year outside
 /// 0–9999.

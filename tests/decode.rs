@@ -951,6 +951,62 @@ fn avro_hand_written_minimal_record_decodes() {
     assert_eq!(a.signals.permissions, vec!["x".to_string()]);
 }
 
+/// Text that is not UTF-8 is refused with the field it is in, whether a
+/// string field, an array item or a map key (the reader copies text as it
+/// is and checks the whole record once; a record that fails is read again
+/// to name the field).
+#[test]
+fn avro_text_that_is_not_utf8_is_refused_naming_its_field() {
+    let record = |summary: &[u8], permission: &[u8], key: &[u8]| {
+        let mut body = Vec::new();
+        body.extend(avro_long(3));
+        body.extend_from_slice(b"a-1");
+        body.extend(avro_long(1_767_225_600_000));
+        body.extend(avro_long(5));
+        body.extend_from_slice(b"agent");
+        body.extend([0, 0, 0]);
+        body.extend(avro_long(1));
+        body.extend_from_slice(b"k");
+        body.extend(avro_long(summary.len() as i64));
+        body.extend_from_slice(summary);
+        body.extend([0, 0]); // reason, target
+        body.extend(avro_long(1)); // signals present
+        body.extend([0; 15]);
+        body.extend(avro_long(1)); // permissions present
+        body.extend(avro_long(1)); // one item
+        body.extend(avro_long(permission.len() as i64));
+        body.extend_from_slice(permission);
+        body.push(0); // end of array
+        body.extend([0, 0]); // deadline, confidence
+        body.extend(avro_long(1)); // attributes present
+        body.extend(avro_long(1)); // one entry
+        body.extend(avro_long(key.len() as i64));
+        body.extend_from_slice(key);
+        body.extend(avro_long(2));
+        body.extend_from_slice(b"v1");
+        body.push(0); // end of map
+        body.push(0); // payload
+        frame(AGENT_ACTION_SCHEMA_ID, &body)
+    };
+    let good = record(b"caf\xc3\xa9", b"x", b"tier");
+    let ok = decoder().decode(&good).expect("valid text decodes");
+    assert_eq!(ok.summary, "café");
+    assert_eq!(ok.attributes.get("tier").map(|v| v.as_ref()), Some("v1"));
+    for (bad, field) in [
+        (record(b"caf\xc3", b"x", b"tier"), "summary"),
+        (record(b"s", b"\xff", b"tier"), "signals.permissions"),
+        (record(b"s", b"x", b"t\xe9r"), "attributes"),
+    ] {
+        let err = decoder().decode(&bad).unwrap_err();
+        assert!(matches!(err, DecodeError::Avro { id: 1, .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains(field) && message.contains("not UTF-8"),
+            "{message}"
+        );
+    }
+}
+
 #[test]
 fn avro_wrong_schema_for_the_body() {
     // Schema id 2 is the Decision schema: an AgentAction body does not fit it

@@ -920,31 +920,46 @@ fn avro_huge_claimed_array_length_does_not_allocate() {
     assert!(matches!(err, DecodeError::Avro { id: 1, .. }), "{err:?}");
 }
 
-#[test]
-fn avro_hand_written_minimal_record_decodes() {
-    // Proves the hand encoding above matches the schema: same prefix, valid ending.
+/// A hand-encoded action: `summary`, one permission, and an attribute when
+/// `attribute` is given; everything else minimal.
+fn hand_written(summary: &[u8], permission: &[u8], attribute: Option<(&[u8], &[u8])>) -> Vec<u8> {
+    let text = |body: &mut Vec<u8>, bytes: &[u8]| {
+        body.extend(avro_long(bytes.len() as i64));
+        body.extend_from_slice(bytes);
+    };
     let mut body = Vec::new();
-    body.extend(avro_long(3));
-    body.extend_from_slice(b"a-1");
+    text(&mut body, b"a-1");
     body.extend(avro_long(1_767_225_600_000));
-    body.extend(avro_long(5));
-    body.extend_from_slice(b"agent");
+    text(&mut body, b"agent");
     body.extend([0, 0, 0]);
-    body.extend(avro_long(1));
-    body.extend_from_slice(b"k");
-    body.extend(avro_long(1));
-    body.extend_from_slice(b"s");
+    text(&mut body, b"k");
+    text(&mut body, summary);
     body.extend([0, 0]); // reason, target
     body.extend(avro_long(1)); // signals present
     body.extend([0; 15]);
     body.extend(avro_long(1)); // permissions present
     body.extend(avro_long(1)); // one item
-    body.extend(avro_long(1));
-    body.extend_from_slice(b"x");
+    text(&mut body, permission);
     body.push(0); // end of array
     body.extend([0, 0]); // deadline, confidence
-    body.extend([0, 0]); // attributes, payload
-    let framed = frame(AGENT_ACTION_SCHEMA_ID, &body);
+    match attribute {
+        Some((key, value)) => {
+            body.extend(avro_long(1)); // attributes present
+            body.extend(avro_long(1)); // one entry
+            text(&mut body, key);
+            text(&mut body, value);
+            body.push(0); // end of map
+        }
+        None => body.push(0),
+    }
+    body.push(0); // payload
+    frame(AGENT_ACTION_SCHEMA_ID, &body)
+}
+
+#[test]
+fn avro_hand_written_minimal_record_decodes() {
+    // Proves the hand encoding above matches the schema: same prefix, valid ending.
+    let framed = hand_written(b"s", b"x", None);
     let a = decoder().decode(&framed).unwrap();
     assert_eq!(a.action_id, "a-1");
     assert_eq!(a.occurred_at, time("2026-01-01T00:00:00Z"));
@@ -957,37 +972,8 @@ fn avro_hand_written_minimal_record_decodes() {
 /// to name the field).
 #[test]
 fn avro_text_that_is_not_utf8_is_refused_naming_its_field() {
-    let record = |summary: &[u8], permission: &[u8], key: &[u8]| {
-        let mut body = Vec::new();
-        body.extend(avro_long(3));
-        body.extend_from_slice(b"a-1");
-        body.extend(avro_long(1_767_225_600_000));
-        body.extend(avro_long(5));
-        body.extend_from_slice(b"agent");
-        body.extend([0, 0, 0]);
-        body.extend(avro_long(1));
-        body.extend_from_slice(b"k");
-        body.extend(avro_long(summary.len() as i64));
-        body.extend_from_slice(summary);
-        body.extend([0, 0]); // reason, target
-        body.extend(avro_long(1)); // signals present
-        body.extend([0; 15]);
-        body.extend(avro_long(1)); // permissions present
-        body.extend(avro_long(1)); // one item
-        body.extend(avro_long(permission.len() as i64));
-        body.extend_from_slice(permission);
-        body.push(0); // end of array
-        body.extend([0, 0]); // deadline, confidence
-        body.extend(avro_long(1)); // attributes present
-        body.extend(avro_long(1)); // one entry
-        body.extend(avro_long(key.len() as i64));
-        body.extend_from_slice(key);
-        body.extend(avro_long(2));
-        body.extend_from_slice(b"v1");
-        body.push(0); // end of map
-        body.push(0); // payload
-        frame(AGENT_ACTION_SCHEMA_ID, &body)
-    };
+    let record =
+        |summary: &[u8], permission: &[u8], key: &[u8]| hand_written(summary, permission, Some((key, b"v1")));
     let good = record(b"caf\xc3\xa9", b"x", b"tier");
     let ok = decoder().decode(&good).expect("valid text decodes");
     assert_eq!(ok.summary, "café");

@@ -128,31 +128,32 @@ pub struct Decide<'a> {
 // serde's `serialize_with` hands over a reference to the field's own type.
 #[allow(clippy::ptr_arg)]
 fn verdicts_json<S: serde::Serializer>(list: &Cow<'_, [Cow<'_, str>]>, s: S) -> Result<S::Ok, S::Error> {
-    static JSON: LazyLock<Box<RawValue>> = LazyLock::new(|| list_json(VERDICTS));
-    constant_list(list, VERDICTS, &JSON, s)
+    static JSON: LazyLock<Option<Box<RawValue>>> = LazyLock::new(|| list_json(VERDICTS));
+    constant_list(list, VERDICTS, JSON.as_deref(), s)
 }
 
 #[allow(clippy::ptr_arg)]
 fn fields_json<S: serde::Serializer>(list: &Cow<'_, [Cow<'_, str>]>, s: S) -> Result<S::Ok, S::Error> {
-    static JSON: LazyLock<Box<RawValue>> = LazyLock::new(|| list_json(DECISION_FIELDS));
-    constant_list(list, DECISION_FIELDS, &JSON, s)
+    static JSON: LazyLock<Option<Box<RawValue>>> = LazyLock::new(|| list_json(DECISION_FIELDS));
+    constant_list(list, DECISION_FIELDS, JSON.as_deref(), s)
 }
 
 fn constant_list<S: serde::Serializer>(
     list: &[Cow<'_, str>],
     constant: &[Cow<'static, str>],
-    json: &RawValue,
+    json: Option<&RawValue>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    if std::ptr::eq(list, constant) || list == constant {
-        json.serialize(s)
-    } else {
-        list.serialize(s)
+    match json {
+        Some(json) if std::ptr::eq(list, constant) || list == constant => json.serialize(s),
+        _ => list.serialize(s),
     }
 }
 
-fn list_json(list: &[Cow<'static, str>]) -> Box<RawValue> {
-    serde_json::value::to_raw_value(list).expect("a list of strings always serializes to JSON")
+/// A list of strings always serializes; were it ever not to, packets fall
+/// back to writing the list string by string.
+fn list_json(list: &[Cow<'static, str>]) -> Option<Box<RawValue>> {
+    serde_json::value::to_raw_value(list).ok()
 }
 
 /// A context value as an approver reads it. Money and times are text, so no

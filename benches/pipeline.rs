@@ -598,7 +598,20 @@ fn send<C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>>(
     key: &[u8],
     payload: &[u8],
 ) {
-    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    send_with(producer, topic, key, payload, ());
+}
+
+/// [`send`] with the opaque its delivery report comes back with.
+fn send_with<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    opaque: C::DeliveryOpaque,
+) {
+    let mut record = BaseRecord::with_opaque_to(topic, opaque)
+        .key(key)
+        .payload(payload);
     loop {
         match producer.send(record) {
             Ok(()) => return,
@@ -631,8 +644,10 @@ impl ConsumerContext for Assigned {
 }
 
 /// The physical limit: consume every record of `input` and produce it
-/// unchanged to `output`; after each batch, wait for every delivery and
-/// commit the offsets (in one transaction with them when `exactly_once`).
+/// unchanged to `output`, committing offsets only once every copy before
+/// them is acknowledged. At least once it keeps batches in flight as the
+/// route stage does ([`copy_pipelined`]); exactly once it commits each
+/// batch in a transaction with its offsets, as the stage does too.
 /// Returns seconds from assignment to the last commit.
 fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_once: bool) -> f64 {
     let mut config = Config::new(bootstrap, PathBuf::new());
@@ -646,14 +661,18 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
         .create_with_context(Assigned::default())
         .expect("the passthrough consumer");
     consumer.subscribe(&[input]).expect("subscribing");
-    let producer: BaseProducer = producer_config(&config, exactly_once.then_some("bench-passthrough"))
+    if !exactly_once {
+        let producer: BaseProducer<Acks> = producer_config(&config, None)
+            .create_with_context(Acks::default())
+            .expect("the passthrough producer");
+        return copy_pipelined(&consumer, &producer, input, output, n);
+    }
+    let producer: BaseProducer = producer_config(&config, Some("bench-passthrough"))
         .create()
         .expect("the passthrough producer");
-    if exactly_once {
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .expect("transactions");
-    }
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("transactions");
     let mut started = None;
     let mut copied = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -662,58 +681,177 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
             Instant::now() < deadline,
             "the passthrough copied {copied} of {n}"
         );
-        if exactly_once {
-            producer.begin_transaction().expect("a transaction");
-        }
-        // A batch as the stages take one: up to 1000 records, waiting
-        // 100 ms for the first and 2 ms for each next.
-        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        producer.begin_transaction().expect("a transaction");
         // Before the assignment, short polls: the clock starts when it comes.
-        let mut wait = Duration::from_millis(if started.is_none() { 1 } else { 100 });
-        for _ in 0..1000.min(n - copied) {
-            let Some(message) = consumer.poll(wait) else { break };
-            let message = message.expect("consuming");
-            if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
-                started = Some(Instant::now());
-            }
-            send(
-                &producer,
-                output,
-                message.key().unwrap_or_default(),
-                message.payload().unwrap_or_default(),
-            );
-            offsets.insert(message.partition(), message.offset() + 1);
-            copied += 1;
-            wait = Duration::from_millis(2);
-        }
+        let first = Duration::from_millis(if started.is_none() { 1 } else { 100 });
+        let offsets = copy_batch(&consumer, &producer, output, 1000.min(n - copied), first, |_| ());
         if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
             started = Some(Instant::now());
         }
+        copied += offsets.records;
+        let tpl = offsets.list(input);
+        if tpl.count() > 0 {
+            let metadata = consumer.group_metadata().expect("group metadata");
+            producer
+                .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))
+                .expect("offsets in the transaction");
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .expect("committing");
+    }
+    started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default()
+}
+
+/// One batch as the stages take one: up to `limit` records, waiting
+/// `first` for the first and 2 ms for each next, each copied to `output`
+/// with the opaque `opaque(copies so far)`.
+fn copy_batch<C: rdkafka::producer::ProducerContext>(
+    consumer: &BaseConsumer<Assigned>,
+    producer: &BaseProducer<C>,
+    output: &str,
+    limit: usize,
+    first: Duration,
+    opaque: impl Fn(usize) -> C::DeliveryOpaque,
+) -> NextOffsets {
+    let mut next = NextOffsets::default();
+    let mut wait = first;
+    while next.records < limit {
+        let Some(message) = consumer.poll(wait) else { break };
+        let message = message.expect("consuming");
+        send_with(
+            producer,
+            output,
+            message.key().unwrap_or_default(),
+            message.payload().unwrap_or_default(),
+            opaque(next.records),
+        );
+        next.by_partition
+            .insert(message.partition(), message.offset() + 1);
+        next.records += 1;
+        wait = Duration::from_millis(2);
+    }
+    next
+}
+
+/// Where a batch leaves each partition it read, and how many records it held.
+#[derive(Default)]
+struct NextOffsets {
+    by_partition: BTreeMap<i32, i64>,
+    records: usize,
+}
+
+impl NextOffsets {
+    fn list(&self, topic: &str) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for (partition, next) in &offsets {
-            tpl.add_partition_offset(input, *partition, Offset::Offset(*next))
+        for (partition, next) in &self.by_partition {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .expect("an offset");
         }
-        if exactly_once {
-            if tpl.count() > 0 {
-                let metadata = consumer.group_metadata().expect("group metadata");
-                producer
-                    .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))
-                    .expect("offsets in the transaction");
-            }
-            producer
-                .commit_transaction(Duration::from_secs(30))
-                .expect("committing");
+        tpl
+    }
+}
+
+/// Batches of the pipelined copy loop in flight at most: the route
+/// stage's own bound (`MAX_IN_FLIGHT` in `src/stage/route.rs`).
+const COPY_IN_FLIGHT: usize = 16;
+
+/// The at-least-once copy loop pipelined as the route stage's is: it reads
+/// and copies the next batch while earlier ones travel, and commits
+/// (asynchronously; the last one synchronously) the offsets of the batches
+/// at the front whose every copy is acknowledged. A loop that waited for
+/// each batch's acknowledgements and commit before reading on was
+/// round-trip bound, not a limit: the route stage outran it.
+fn copy_pipelined(
+    consumer: &BaseConsumer<Assigned>,
+    producer: &BaseProducer<Acks>,
+    input: &str,
+    output: &str,
+    n: usize,
+) -> f64 {
+    struct InFlight {
+        offsets: NextOffsets,
+        acked: usize,
+    }
+    // Batch `first_id + i` is `in_flight[i]`; a copy's opaque is its batch id.
+    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
+    let mut first_id = 0usize;
+    let (mut copied, mut committed) = (0, 0);
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while committed < n {
+        assert!(
+            Instant::now() < deadline,
+            "the passthrough committed {committed} of {n}"
+        );
+        producer.poll(Duration::ZERO);
+        for (id, ok) in producer.context().take() {
+            assert!(ok, "a copy was not acknowledged");
+            in_flight[id - first_id].acked += 1;
+        }
+        let mut done = NextOffsets::default();
+        while in_flight.front().is_some_and(|b| b.acked == b.offsets.records) {
+            let batch = in_flight.pop_front().expect("checked");
+            first_id += 1;
+            done.records += batch.offsets.records;
+            done.by_partition.extend(batch.offsets.by_partition);
+        }
+        if done.records > 0 {
+            committed += done.records;
+            let mode = if committed == n {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            };
+            consumer
+                .commit(&done.list(input), mode)
+                .expect("committing offsets");
+        }
+        if copied == n || in_flight.len() >= COPY_IN_FLIGHT {
+            // Acknowledgements come on the producer's next poll; no busy wait.
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        // Before the assignment, short polls: the clock starts when it
+        // comes. With copies in flight, short polls too, so their
+        // acknowledgements are taken promptly, as the stage does.
+        let first = Duration::from_millis(if started.is_none() || !in_flight.is_empty() {
+            1
         } else {
-            wait_delivered(&producer, Duration::from_secs(60));
-            if tpl.count() > 0 {
-                consumer
-                    .commit(&tpl, CommitMode::Sync)
-                    .expect("committing offsets");
-            }
+            100
+        });
+        let id = first_id + in_flight.len();
+        let offsets = copy_batch(consumer, producer, output, 1000.min(n - copied), first, |_| id);
+        if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
+            started = Some(Instant::now());
+        }
+        if offsets.records > 0 {
+            copied += offsets.records;
+            in_flight.push_back(InFlight { offsets, acked: 0 });
         }
     }
     started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default()
+}
+
+/// The pipelined copy loop's acknowledgements: (batch id, delivered),
+/// taken by the loop after each producer poll.
+#[derive(Default)]
+struct Acks(std::sync::Mutex<Vec<(usize, bool)>>);
+
+impl Acks {
+    fn take(&self) -> Vec<(usize, bool)> {
+        std::mem::take(&mut *self.0.lock().expect("not poisoned"))
+    }
+}
+
+impl ClientContext for Acks {}
+
+impl rdkafka::producer::ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, id: usize) {
+        self.0.lock().expect("not poisoned").push((id, result.is_ok()));
+    }
 }
 
 /// Waits until every record `producer` holds is acknowledged, serving

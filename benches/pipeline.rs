@@ -665,11 +665,13 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
         let producer: BaseProducer<Acks> = producer_config(&config, None)
             .create_with_context(Acks::default())
             .expect("the passthrough producer");
+        warm_up(producer.client(), output);
         return copy_pipelined(&consumer, &producer, input, output, n);
     }
     let producer: BaseProducer = producer_config(&config, Some("bench-passthrough"))
         .create()
         .expect("the passthrough producer");
+    warm_up(producer.client(), output);
     producer
         .init_transactions(Duration::from_secs(30))
         .expect("transactions");
@@ -701,6 +703,16 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
             .expect("committing");
     }
     started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default()
+}
+
+/// Learns where `topic`'s partitions are before the clock starts, as the
+/// stages learn theirs (`Sink::warm_up`): librdkafka otherwise holds the
+/// first records for a topic until it has looked it up (most of a second
+/// on tansu, which the copy loops used to count).
+fn warm_up<C: ClientContext>(client: &rdkafka::client::Client<C>, topic: &str) {
+    client
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .expect("the output topic's metadata");
 }
 
 /// One batch as the stages take one: up to `limit` records, waiting

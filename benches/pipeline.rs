@@ -9,7 +9,8 @@
 //!    topic of P partitions;
 //! 2. the physical limit: a plain librdkafka loop copying every record
 //!    unchanged to one topic, offsets committed after delivery, with the
-//!    same client settings switchboard uses;
+//!    same client settings switchboard uses, and pipelined as the route
+//!    stage is (batches in flight while earlier ones are acknowledged);
 //! 3. switchboard's route stage on the same records, at-least-once (tansu
 //!    refuses librdkafka's transactions), until all N are committed; then
 //!    the same pair again on the actions encoded as Confluent-framed Avro;
@@ -22,7 +23,9 @@
 //!    much it holds (each fetch on tansu 0.6.0 lists every batch its
 //!    partition has stored, so latency there climbs through a run, the
 //!    passthrough's too; the table shows how long the broker took to
-//!    acknowledge the input beside each);
+//!    acknowledge the input beside each); and exactly once on the mock
+//!    cluster at half the exactly-once throughput, where a packet is
+//!    readable once its batch's transaction commits;
 //! 6. the escalation stage as a child process: restoring K pending
 //!    approvals from the changelog (time, resident memory), and T timers
 //!    falling due together (time until every escalation is durable);
@@ -34,8 +37,9 @@
 //! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
 //! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
 //! (1000000), `--timers T` (100000), `--only STEPS` (a comma-separated
-//! subset of `route,avro,latency,latency-mock,eos,restore,timers`), `--rate R`
-//! (the latency steps' offered rate when the route step is skipped). Under `cargo test` (no `--bench`
+//! subset of `route,avro,latency,latency-mock,eos,latency-eos,restore,timers`),
+//! `--rate R` (the latency steps' offered rate when the route step, or for
+//! `latency-eos` the `eos` step, is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
 //! if any step does not finish.
 //!
@@ -266,7 +270,14 @@ fn main() {
                 rate,
                 args.latency_secs,
             );
-            rows.extend(latency_rows("tansu", rate, args.latency_secs, copy, stage));
+            rows.extend(latency_rows(
+                "tansu",
+                "latency",
+                rate,
+                args.latency_secs,
+                copy,
+                stage,
+            ));
         }
     }
 
@@ -301,11 +312,19 @@ fn main() {
             rate,
             args.latency_secs,
         );
-        rows.extend(latency_rows("mock", rate, args.latency_secs, copy, stage));
+        rows.extend(latency_rows(
+            "mock",
+            "latency",
+            rate,
+            args.latency_secs,
+            copy,
+            stage,
+        ));
         drop(mock);
     }
 
     let mut eos_ratio = f64::NAN;
+    let mut eos_route = f64::NAN;
     if args.runs("eos") {
         // ---- mock cluster: exactly once ----
         let input = "bench.actions";
@@ -329,7 +348,7 @@ fn main() {
             args.eos_records,
             eos_pass,
         ));
-        let eos_route = run_route(&runtime, probe, args.eos_records);
+        eos_route = run_route(&runtime, probe, args.eos_records);
         rows.push(throughput_row(
             "mock",
             "route stage, exactly once",
@@ -337,6 +356,53 @@ fn main() {
             eos_route,
         ));
         eos_ratio = eos_pass / eos_route;
+        drop(mock);
+    }
+
+    if args.runs("latency-eos") {
+        // ---- mock cluster: latency exactly once, at half the exactly-once
+        // throughput; a packet is readable (read_committed) once its
+        // batch's transaction commits ----
+        let rate = match args.rate {
+            Some(rate) => rate as f64,
+            None if eos_route.is_finite() => (args.eos_records as f64 / eos_route / 2.0).max(10.0),
+            None => 1_000.0,
+        };
+        eprintln!(
+            "== mock cluster: latency exactly once at {rate:.0} actions/s for {} s",
+            args.latency_secs
+        );
+        let mock = MockCluster::new(1).expect("the mock cluster starts");
+        let mock_bootstrap = mock.bootstrap_servers();
+        let config = stage_config(
+            &mock_bootstrap,
+            &matrix_path,
+            "bench.latency",
+            Guarantee::ExactlyOnce,
+            args.partitions,
+        );
+        create_mock_topics(
+            &mock,
+            &config,
+            &["bench.latency.in", "bench.latency.copy"],
+            args.partitions,
+        );
+        let (copy, stage) = latency_pair(
+            &runtime,
+            &|_| {},
+            config,
+            args.partitions,
+            rate,
+            args.latency_secs,
+        );
+        rows.extend(latency_rows(
+            "mock",
+            "latency exactly once",
+            rate,
+            args.latency_secs,
+            copy,
+            stage,
+        ));
         drop(mock);
     }
 
@@ -1008,6 +1074,7 @@ enum Carrier {
         bootstrap: String,
         input: String,
         output: String,
+        exactly_once: bool,
     },
 }
 
@@ -1049,6 +1116,7 @@ fn latency(
             bootstrap,
             input,
             output,
+            ..
         } => {
             create(&[input, output]);
             let config = Config::new(bootstrap, PathBuf::new());
@@ -1110,8 +1178,10 @@ fn latency(
             bootstrap,
             input,
             output,
+            exactly_once,
         } => {
-            let handle = std::thread::spawn(move || passthrough(&bootstrap, &input, &output, total, false));
+            let handle =
+                std::thread::spawn(move || passthrough(&bootstrap, &input, &output, total, exactly_once));
             Box::new(move || handle.is_finished())
         }
     };
@@ -1256,7 +1326,7 @@ fn latency(
 
 /// The latency step on one broker: the passthrough, then the route stage
 /// with `config` (its input and group made the latency step's own), at the
-/// same rate. `create` makes topics there (the mock cluster answers no
+/// same rate, both with `config`'s guarantee. `create` makes topics there (the mock cluster answers no
 /// CreateTopics: its topics are made beforehand).
 fn latency_pair(
     runtime: &tokio::runtime::Runtime,
@@ -1273,6 +1343,7 @@ fn latency_pair(
             bootstrap: config.bootstrap_servers.clone(),
             input: "bench.latency.in".into(),
             output: "bench.latency.copy".into(),
+            exactly_once: config.guarantee == Guarantee::ExactlyOnce,
         },
         partitions,
         rate,
@@ -1304,12 +1375,19 @@ struct LatencyRun {
 }
 
 /// The table's lines for a latency pair on one broker.
-fn latency_rows(broker: &'static str, rate: f64, secs: u64, copy: LatencyRun, stage: LatencyRun) -> Vec<Row> {
+fn latency_rows(
+    broker: &'static str,
+    measure: &str,
+    rate: f64,
+    secs: u64,
+    copy: LatencyRun,
+    stage: LatencyRun,
+) -> Vec<Row> {
     [("passthrough", copy), ("route stage", stage)]
         .into_iter()
         .map(|(what, run)| Row {
             broker,
-            what: format!("latency at {rate:.0}/s: {what}"),
+            what: format!("{measure} at {rate:.0}/s: {what}"),
             records: run.latencies.len(),
             seconds: secs as f64,
             note: format!(
@@ -1613,14 +1691,15 @@ fn print_table(rows: &[Row], args: &Args) {
         args.partitions,
         if args.full { "full size" } else { "smoke size" }
     );
+    let width = rows.iter().map(|r| r.what.len()).max().unwrap_or(0).max(38);
     println!(
-        "{:<6} {:<38} {:>10} {:>9}  notes",
+        "{:<6} {:<width$} {:>10} {:>9}  notes",
         "broker", "measure", "records", "seconds"
     );
-    println!("{}", "-".repeat(100));
+    println!("{}", "-".repeat(width + 62));
     for r in rows {
         println!(
-            "{:<6} {:<38} {:>10} {:>9.2}  {}",
+            "{:<6} {:<width$} {:>10} {:>9.2}  {}",
             r.broker, r.what, r.records, r.seconds, r.note
         );
     }

@@ -48,7 +48,8 @@
 //! `BENCH_STAGE_LOG` (a `RUST_LOG` filter) shows the stages' own logs;
 //! `BENCH_KAFKA="key=value,..."` adds client properties to both the
 //! passthrough's and the route stage's clients (to try producer or consumer
-//! settings side by side).
+//! settings side by side); `BENCH_BATCH_WAIT_MS` sets the stages'
+//! `--batch-wait-ms`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -967,6 +968,12 @@ fn stage_config(
     config.topics.actions = input.into();
     config.partitions = partitions;
     config.kafka.0.extend(extra_kafka());
+    if let Some(ms) = std::env::var("BENCH_BATCH_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.batch_wait = Duration::from_millis(ms);
+    }
     config
 }
 

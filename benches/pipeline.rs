@@ -765,6 +765,10 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
                 .send_offsets_to_transaction(&tpl, &metadata, Duration::from_secs(30))
                 .expect("offsets in the transaction");
         }
+        // Acknowledged before the commit, as the stage's sink does:
+        // rust-rdkafka's commit flushes in 100 ms polls that run their
+        // whole length while any copy is in flight.
+        wait_delivered(&producer, Duration::from_secs(60));
         producer
             .commit_transaction(Duration::from_secs(30))
             .expect("committing");

@@ -207,6 +207,15 @@ impl Sink {
                     .send_offsets_to_transaction(offsets, &group, self.timeout)
                     .map_err(|e| self.txn_error("adding offsets to", e))?;
             }
+            // Every record acknowledged first: rust-rdkafka's
+            // `commit_transaction` flushes before it commits, and its flush
+            // waits in 100 ms polls that run their whole length (see
+            // `wait_delivered`), so with any record still in flight, which
+            // the linger makes the rule, each transaction took 100 ms
+            // however fast the broker answered. A record that is not
+            // acknowledged in time is left to the commit's own flush and
+            // its errors, as before.
+            self.wait_delivered(self.timeout);
             self.producer
                 .commit_transaction(self.timeout)
                 .map_err(|e| self.txn_error("committing", e))

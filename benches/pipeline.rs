@@ -290,38 +290,13 @@ fn main() {
             "== mock cluster: latency at {rate:.0} actions/s for {} s",
             args.latency_secs
         );
-        let mock = MockCluster::new(1).expect("the mock cluster starts");
-        let mock_bootstrap = mock.bootstrap_servers();
-        let config = stage_config(
-            &mock_bootstrap,
-            &matrix_path,
-            "bench.latency",
-            Guarantee::AtLeastOnce,
-            args.partitions,
-        );
-        create_mock_topics(
-            &mock,
-            &config,
-            &["bench.latency.in", "bench.latency.copy"],
-            args.partitions,
-        );
-        let (copy, stage) = latency_pair(
+        rows.extend(mock_latency(
             &runtime,
-            &|_| {},
-            config,
-            args.partitions,
+            &matrix_path,
+            &args,
+            Guarantee::AtLeastOnce,
             rate,
-            args.latency_secs,
-        );
-        rows.extend(latency_rows(
-            "mock",
-            "latency",
-            rate,
-            args.latency_secs,
-            copy,
-            stage,
         ));
-        drop(mock);
     }
 
     let mut eos_ratio = f64::NAN;
@@ -373,38 +348,13 @@ fn main() {
             "== mock cluster: latency exactly once at {rate:.0} actions/s for {} s",
             args.latency_secs
         );
-        let mock = MockCluster::new(1).expect("the mock cluster starts");
-        let mock_bootstrap = mock.bootstrap_servers();
-        let config = stage_config(
-            &mock_bootstrap,
-            &matrix_path,
-            "bench.latency",
-            Guarantee::ExactlyOnce,
-            args.partitions,
-        );
-        create_mock_topics(
-            &mock,
-            &config,
-            &["bench.latency.in", "bench.latency.copy"],
-            args.partitions,
-        );
-        let (copy, stage) = latency_pair(
+        rows.extend(mock_latency(
             &runtime,
-            &|_| {},
-            config,
-            args.partitions,
+            &matrix_path,
+            &args,
+            Guarantee::ExactlyOnce,
             rate,
-            args.latency_secs,
-        );
-        rows.extend(latency_rows(
-            "mock",
-            "latency exactly once",
-            rate,
-            args.latency_secs,
-            copy,
-            stage,
         ));
-        drop(mock);
     }
 
     if args.runs("restore") {
@@ -1333,6 +1283,37 @@ fn latency(
         latencies: last.into_iter().flatten().collect(),
         acks,
     }
+}
+
+/// The latency pair on a mock cluster of its own, with `guarantee`.
+fn mock_latency(
+    runtime: &tokio::runtime::Runtime,
+    matrix_path: &std::path::Path,
+    args: &Args,
+    guarantee: Guarantee,
+    rate: f64,
+) -> Vec<Row> {
+    let mock = MockCluster::new(1).expect("the mock cluster starts");
+    let mock_bootstrap = mock.bootstrap_servers();
+    let config = stage_config(
+        &mock_bootstrap,
+        matrix_path,
+        "bench.latency",
+        guarantee,
+        args.partitions,
+    );
+    create_mock_topics(
+        &mock,
+        &config,
+        &["bench.latency.in", "bench.latency.copy"],
+        args.partitions,
+    );
+    let (copy, stage) = latency_pair(runtime, &|_| {}, config, args.partitions, rate, args.latency_secs);
+    let measure = match guarantee {
+        Guarantee::ExactlyOnce => "latency exactly once",
+        Guarantee::AtLeastOnce => "latency",
+    };
+    latency_rows("mock", measure, rate, args.latency_secs, copy, stage)
 }
 
 /// The latency step on one broker: the passthrough, then the route stage

@@ -891,9 +891,9 @@ impl rdkafka::producer::ProducerContext for Acks {
 /// delivery reports between 200 µs sleeps (the sink instead lets its
 /// producer's own thread serve them and waits on a condition). Not
 /// `Producer::flush`, nor `poll` with a timeout: rust-rdkafka's polls run
-/// their whole timeout (flush's 100 ms slices made every batch of this
-/// loop cost at least 100 ms) and spend its last millisecond polling in a
-/// busy loop.
+/// their whole timeout (flush's 100 ms slices made every batch that waited
+/// on it, and every `commit_transaction`, which flushes the same way, cost
+/// at least 100 ms) and spend its last millisecond polling in a busy loop.
 fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, limit: Duration) {
     let deadline = Instant::now() + limit;
     while producer.in_flight_count() > 0 {

@@ -26,6 +26,7 @@
 //! * [`dlq`]: dead letters with their reasons.
 //! * [`sink`]: writing a batch exactly once (transactions) or at least once.
 //! * [`pipeline`]: at-least-once writes of several batches in flight at once.
+//! * [`transactions`]: exactly-once writes, the next batch routed while one commits.
 //! * [`reload`]: the live matrix and its hot reload.
 //! * [`stage`]: the Kafka loops (the route stage) and `run`.
 //! * [`demo`]: `switchboard demo`, on an in-process cluster.
@@ -73,3 +74,4 @@ pub mod route;
 pub mod sink;
 pub mod stage;
 pub mod topics;
+pub mod transactions;

@@ -191,6 +191,20 @@ impl Sink {
         offsets: &TopicPartitionList,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), SinkError> {
+        self.send_transaction(outputs, offsets, consumer)?;
+        self.commit_transaction()
+    }
+
+    /// Exactly once, the first half of a batch's write: begins a
+    /// transaction and sends `outputs` and `offsets` in it. The transaction
+    /// stays open, its records travelling, until [`Sink::commit_transaction`];
+    /// on an error it is aborted.
+    pub(crate) fn send_transaction<C: ConsumerContext>(
+        &self,
+        outputs: &[Output],
+        offsets: &TopicPartitionList,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), SinkError> {
         self.producer
             .begin_transaction()
             .map_err(|e| self.txn_error("beginning", e))?;
@@ -207,26 +221,42 @@ impl Sink {
                     .send_offsets_to_transaction(offsets, &group, self.timeout)
                     .map_err(|e| self.txn_error("adding offsets to", e))?;
             }
-            // Every record acknowledged first: rust-rdkafka's
-            // `commit_transaction` flushes before it commits, and its flush
-            // waits in 100 ms polls that run their whole length (see
-            // `wait_delivered`), so with any record still in flight, which
-            // the linger makes the rule, each transaction took 100 ms
-            // however fast the broker answered. A record that is not
-            // acknowledged in time is left to the commit's own flush and
-            // its errors, as before.
-            self.wait_delivered(self.timeout);
-            self.producer
-                .commit_transaction(self.timeout)
-                .map_err(|e| self.txn_error("committing", e))
+            Ok(())
         })();
+        self.abort_on_retry(result)
+    }
+
+    /// Exactly once, the second half: commits the transaction
+    /// [`Sink::send_transaction`] opened (aborting it on an error).
+    pub(crate) fn commit_transaction(&self) -> Result<(), SinkError> {
+        // Every record acknowledged first: rust-rdkafka's
+        // `commit_transaction` flushes before it commits, and its flush
+        // waits in 100 ms polls that run their whole length (see
+        // `wait_delivered`), so with any record still in flight, which the
+        // linger makes the rule, each transaction took 100 ms however fast
+        // the broker answered. A record that is not acknowledged in time is
+        // left to the commit's own flush and its errors, as before.
+        self.wait_delivered(self.timeout);
+        let result = self
+            .producer
+            .commit_transaction(self.timeout)
+            .map_err(|e| self.txn_error("committing", e));
+        let result = self.abort_on_retry(result);
+        // Delivery reports matter only at least once: those of this
+        // transaction, and of any aborted before it, are dropped.
+        self.take_failures();
+        result
+    }
+
+    /// Aborts the open transaction when `result` says the batch is to be
+    /// handled again.
+    fn abort_on_retry(&self, result: Result<(), SinkError>) -> Result<(), SinkError> {
         if let Err(SinkError::Retry(reason)) = &result {
             tracing::warn!(%reason, "aborting transaction");
             if let Err(e) = self.producer.abort_transaction(self.timeout) {
                 return Err(self.txn_error("aborting", e));
             }
         }
-        self.take_failures();
         result
     }
 

@@ -952,6 +952,87 @@ fn a_fenced_producer_stops_and_its_successor_routes_every_action_once() {
     );
 }
 
+/// Exactly once through rebalances under load. While actions keep coming
+/// the stage always has a transaction open (it routes the next batch while
+/// one commits), so a second instance joining, and the first leaving, each
+/// revoke partitions whose transaction is open; it is committed before they
+/// go. Every action ends at exactly one destination. (The mock cluster
+/// keeps no transactional offsets, see above, so here each new owner reads
+/// its partitions from the start and the seen index drops what was routed;
+/// on Kafka it reads from the offsets the revocation committed.)
+#[test]
+fn instances_joining_and_leaving_under_load_route_every_action_once() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::ExactlyOnce);
+    quick_rejoin(&mut config);
+    config.batch_size = 20;
+    kafka.create_topics(&config, &matrix);
+    let actions = config.topics.actions.clone();
+    let consumed = |m: &Metrics| m.events_consumed_total.with_label_values(&[&actions]).get();
+
+    // Agents publish in small waves until told to stop.
+    let publishing = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (publishing, bootstrap, topic) = (publishing.clone(), kafka.bootstrap(), actions.clone());
+        std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            let mut wave = 0;
+            while publishing.load(Ordering::Relaxed) {
+                let cases = valid_cases(&format!("rebalance-{wave:03}"), 30);
+                send_cases(&bootstrap, &topic, &cases);
+                sent.extend(cases);
+                wave += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+    };
+
+    let (first_metrics, second_metrics) = (Metrics::new(), Metrics::new());
+    let first = StageThread::start(config.clone(), first_metrics.clone());
+    wait_for(deadline(60), "the first instance routing", || {
+        consumed(&first_metrics) >= 100
+    });
+    let second = StageThread::start(config.clone(), second_metrics.clone());
+    wait_for(deadline(60), "the second instance routing", || {
+        consumed(&second_metrics) >= 100
+    });
+    let before = consumed(&second_metrics);
+    first.stop(Duration::from_secs(60));
+    wait_for(deadline(60), "the second instance routing alone", || {
+        consumed(&second_metrics) >= before + 200
+    });
+    publishing.store(false, Ordering::Relaxed);
+    let sent = publisher.join().expect("the publisher");
+
+    let ids: std::collections::HashSet<String> = sent
+        .iter()
+        .filter_map(|c| c.action_id().map(String::from))
+        .collect();
+    let mut tail = Tail::new(&config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline(60), |records| {
+            let routed: std::collections::HashSet<&[u8]> =
+                records.iter().filter_map(|r| r.key.as_deref()).collect();
+            ids.iter().all(|id| routed.contains(id.as_bytes()))
+        }),
+        "every action routed in the end"
+    );
+    second.stop(Duration::from_secs(60));
+
+    let inputs = read(&config, &[&actions]);
+    assert_eq!(inputs.len(), sent.len());
+    check_outputs(
+        &config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        &sent,
+        &inputs,
+        &Outputs::read(&config, &matrix),
+    );
+}
+
 /// A record's own headers travel with it: the dead letter of a bad record
 /// carries them first, in order and byte for byte (a header without a
 /// value as an empty one), then switchboard's. The stage reads records

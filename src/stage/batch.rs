@@ -134,14 +134,33 @@ pub fn next_offsets(batch: &[impl Input]) -> TopicPartitionList {
 /// Moves the consumer back to the first record of each partition in the
 /// batch, so a batch that was not made durable is read again.
 pub fn rewind(consumer: &BaseConsumer<StageContext>, batch: &[impl Input]) {
+    seek_to(consumer, &starts(batch));
+}
+
+/// The offset of each partition's first record in the batch: where
+/// [`seek_to`] rewinds it to.
+pub fn starts(batch: &[impl Input]) -> Vec<(String, i32, i64)> {
     let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for r in batch {
         let r = r.view();
         let e = first.entry((r.topic, r.partition)).or_insert(r.offset);
         *e = (*e).min(r.offset);
     }
-    for ((topic, partition), offset) in first {
-        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+    first
+        .into_iter()
+        .map(|((topic, partition), offset)| (topic.to_string(), partition, offset))
+        .collect()
+}
+
+/// Moves the consumer to `starts` ([`starts`] of a batch).
+pub fn seek_to(consumer: &BaseConsumer<StageContext>, starts: &[(String, i32, i64)]) {
+    for (topic, partition, offset) in starts {
+        if let Err(e) = consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(10),
+        ) {
             // The partition may have moved to another instance in a
             // rebalance; its new owner starts from the committed offset.
             tracing::info!(%topic, partition, error = %e, "could not rewind partition");

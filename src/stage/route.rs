@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::StageContext;
-use super::batch::{Input, next_offsets, poll_batch, poll_owned_batch, rewind};
+use super::batch::{Input, next_offsets, poll_owned_batch, rewind, seek_to, starts};
 use super::helpers::Helpers;
 use crate::changelog::TableReader;
 use crate::clock::Clock;
@@ -38,6 +38,7 @@ use crate::pipeline::Pipeline;
 use crate::reload::MatrixHandle;
 use crate::route::route;
 use crate::sink::{DELIVERY_POLL, Output, Sink, SinkError};
+use crate::transactions::{Open, Transactions};
 
 /// Everything the route stage shares with the rest of the process.
 /// Room kept free in every routed output for what the escalation stage adds
@@ -111,7 +112,7 @@ impl RouteStage {
         let summary = std::thread::scope(|scope| {
             let helpers = Helpers::per_core(scope, MAX_HELPERS, "route-helper");
             match config.guarantee {
-                Guarantee::ExactlyOnce => self.run_transactions(&consumer, &sink, &stop, &helpers),
+                Guarantee::ExactlyOnce => self.run_transactions(&consumer, sink, &stop, &helpers),
                 Guarantee::AtLeastOnce => Ok(self.run_pipelined(&consumer, sink, &stop, &helpers)),
             }
         })?;
@@ -130,72 +131,144 @@ impl RouteStage {
         }
     }
 
-    /// Exactly once: one transaction per batch, with its offsets.
+    /// Exactly once: one transaction per batch, with its offsets. While a
+    /// batch's transaction is open, its records travelling, this thread
+    /// reads and routes the next batch (see [`crate::transactions`]).
+    /// Actions in the open transaction count as seen for the batch after
+    /// it, as in flight at least once.
     fn run_transactions<'s>(
         &'s self,
         consumer: &'s BaseConsumer<StageContext>,
-        sink: &Sink,
+        sink: Sink,
         stop: &AtomicBool,
         helpers: &Helpers<'s>,
     ) -> Result<RouteSummary, KafkaStageError> {
         let config = &self.config;
+        let txns: Arc<Mutex<Transactions<InFlightBatch>>> = Arc::new(Mutex::new(Transactions::new(sink)));
+        {
+            let txns = txns.clone();
+            consumer
+                .context()
+                .set_on_revoke(Some(Box::new(move |_| lock(&txns).finish())));
+        }
+        let mut in_flight = InFlightIds::default();
         let mut summary = RouteSummary::default();
         let mut backoff = Duration::from_millis(50);
-        while !stop.load(Ordering::Relaxed) {
-            let limit = self.limit(summary.handled);
-            if limit == 0 {
-                break;
+        let result = 'run: loop {
+            let (open, records) = {
+                let t = lock(&txns);
+                (t.is_open(), t.records() as u64)
+            };
+            let limit = if stop.load(Ordering::Relaxed) {
+                0
+            } else {
+                self.limit(summary.handled + records)
+            };
+            if limit == 0 && !open {
+                break Ok(());
             }
-            let batch = Arc::new(poll_batch(
-                consumer,
-                limit,
-                Duration::from_millis(100),
-                config.batch_wait,
-                &self.metrics,
-            ));
-            if batch.is_empty() {
+            let mut next = if limit > 0 {
+                // With a transaction open, only what has arrived: its
+                // commit waits for this.
+                let first = if open {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(100)
+                };
+                let batch = poll_owned_batch(consumer, limit, first, config.batch_wait, &self.metrics);
+                (!batch.is_empty()).then(|| {
+                    let batch = Arc::new(batch);
+                    let matrix = self.matrix.current();
+                    let handled = self.handle_batch(&batch, &matrix, self.clock.now(), helpers);
+                    let (outputs, fresh, counts) = self.assemble(handled, &mut in_flight);
+                    let done = InFlightBatch {
+                        topics: batch_topic_counts(&batch),
+                        matrix,
+                        fresh,
+                        counts,
+                    };
+                    (batch, outputs, done)
+                })
+            } else {
+                None
+            };
+            let finished = {
+                let mut t = lock(&txns);
+                t.finish();
+                t.take_finished()
+            };
+            for (batch, result) in finished {
+                match result {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        let completed = vec![(batch.done, batch.records)];
+                        self.settle(consumer, completed, Vec::new(), &mut in_flight, &mut summary);
+                    }
+                    Err(SinkError::Fatal(reason)) => break 'run Err(reason),
+                    Err(error) => {
+                        // Read again from its start; the next batch, read
+                        // past it, goes too.
+                        if let Some((next, _, done)) = next.take() {
+                            rewind(consumer, &next);
+                            self.settle(consumer, Vec::new(), vec![done], &mut in_flight, &mut summary);
+                        }
+                        seek_to(consumer, &batch.starts);
+                        self.settle(
+                            consumer,
+                            Vec::new(),
+                            vec![batch.done],
+                            &mut in_flight,
+                            &mut summary,
+                        );
+                        self.back_off(&error, batch.records, &mut backoff);
+                    }
+                }
+            }
+            let Some((batch, outputs, done)) = next else {
                 continue;
-            }
-            let matrix = self.matrix.current();
-            let started = Instant::now();
-            let handled = self.handle_batch(&batch, &matrix, self.clock.now(), helpers);
-            let (outputs, fresh, counts) = self.assemble(handled, &mut InFlightIds::default());
-            let offsets = next_offsets(&batch);
-            match sink.write(&outputs, &offsets, consumer, stop) {
-                Ok(()) => {
-                    consumer.context().brokers_back();
-                    self.committed(&batch_topic_counts(&batch), &matrix, fresh, &counts);
-                    summary.add(batch.len(), &counts);
-                    backoff = Duration::from_millis(50);
-                    tracing::debug!(records = batch.len(), elapsed = ?started.elapsed(), "batch committed");
-                }
-                Err(SinkError::Retry(reason)) => {
-                    self.metrics
-                        .transactions_total
-                        .with_label_values(&["abort"])
-                        .inc();
-                    self.health.set_ready(false, &reason);
-                    tracing::warn!(%reason, records = batch.len(), "batch not durable; handling it again");
+            };
+            let open = Open {
+                starts: starts(&batch),
+                records: batch.len(),
+                done,
+            };
+            let sent = lock(&txns).send(&outputs, &next_offsets(&batch), consumer, open);
+            match sent {
+                Ok(()) => {}
+                Err((_, SinkError::Fatal(reason))) => break Err(reason),
+                Err((open, error)) => {
                     rewind(consumer, &batch);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    self.health.set_ready(true, "");
-                }
-                Err(SinkError::CommitFailed(reason)) => {
-                    // The outputs are durable: mark the actions seen so the
-                    // records, when they come back, are dropped as duplicates.
-                    self.committed(&batch_topic_counts(&batch), &matrix, fresh, &counts);
-                    tracing::warn!(%reason, "offsets not committed; the batch will be read again as duplicates");
-                    rewind(consumer, &batch);
-                }
-                Err(SinkError::Interrupted) => break,
-                Err(SinkError::Fatal(reason)) => {
-                    self.health.set_ready(false, &reason);
-                    return Err(KafkaStageError::Other(reason));
+                    self.settle(
+                        consumer,
+                        Vec::new(),
+                        vec![open.done],
+                        &mut in_flight,
+                        &mut summary,
+                    );
+                    self.back_off(&error, open.records, &mut backoff);
                 }
             }
-        }
-        Ok(summary)
+        };
+        consumer.context().set_on_revoke(None);
+        result.map(|()| summary).map_err(|reason| {
+            self.health.set_ready(false, &reason);
+            KafkaStageError::Other(reason)
+        })
+    }
+
+    /// A batch that was not made durable: counted, and the stage unready
+    /// through a backoff before the batch is read again.
+    fn back_off(&self, error: &SinkError, records: usize, backoff: &mut Duration) {
+        self.metrics
+            .transactions_total
+            .with_label_values(&["abort"])
+            .inc();
+        let reason = error.to_string();
+        self.health.set_ready(false, &reason);
+        tracing::warn!(%reason, records, "batch not durable; handling it again");
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        self.health.set_ready(true, "");
     }
 
     /// At least once: batches pipelined (see [`crate::pipeline`]); this
@@ -695,12 +768,13 @@ fn batch_topic_counts(batch: &[impl Input]) -> BTreeMap<String, u64> {
     by_topic
 }
 
-/// The pipeline's lock; it is only ever taken on the stage's own thread
-/// (the revocation hook runs inside the consumer's poll, between two uses),
-/// so a poisoned lock only means a panic already unwinding, and its state
-/// is still the truth about what was sent.
-fn lock(pipeline: &Mutex<Pipeline<InFlightBatch>>) -> std::sync::MutexGuard<'_, Pipeline<InFlightBatch>> {
-    match pipeline.lock() {
+/// The lock of the pipeline (or the transactions); it is only ever taken
+/// on the stage's own thread (the revocation hook runs inside the
+/// consumer's poll, between two uses), so a poisoned lock only means a
+/// panic already unwinding, and its state is still the truth about what
+/// was sent.
+fn lock<T>(writes: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match writes.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }

@@ -925,16 +925,8 @@ fn a_fenced_producer_stops_and_its_successor_routes_every_action_once() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut last = instance("successor", &addr);
     let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    let ids: std::collections::HashSet<String> = sent
-        .iter()
-        .filter_map(|c| c.action_id().map(String::from))
-        .collect();
     assert!(
-        tail.until(deadline(120), |records| {
-            let routed: std::collections::HashSet<&[u8]> =
-                records.iter().filter_map(|r| r.key.as_deref()).collect();
-            ids.iter().all(|id| routed.contains(id.as_bytes()))
-        }),
+        tail.until(deadline(120), |r| routed_ids(r) >= sent.len()),
         "every action routed in the end"
     );
     last.signal("TERM");
@@ -971,24 +963,7 @@ fn instances_joining_and_leaving_under_load_route_every_action_once() {
     let actions = config.topics.actions.clone();
     let consumed = |m: &Metrics| m.events_consumed_total.with_label_values(&[&actions]).get();
 
-    // Agents publish in small waves until told to stop.
-    let publishing = Arc::new(AtomicBool::new(true));
-    let publisher = {
-        let (publishing, bootstrap, topic) = (publishing.clone(), kafka.bootstrap(), actions.clone());
-        std::thread::spawn(move || {
-            let mut sent = Vec::new();
-            let mut wave = 0;
-            while publishing.load(Ordering::Relaxed) {
-                let cases = valid_cases(&format!("rebalance-{wave:03}"), 30);
-                send_cases(&bootstrap, &topic, &cases);
-                sent.extend(cases);
-                wave += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            sent
-        })
-    };
-
+    let stream = Stream::start(&config, "rebalance", 30);
     let (first_metrics, second_metrics) = (Metrics::new(), Metrics::new());
     let first = StageThread::start(config.clone(), first_metrics.clone());
     wait_for(deadline(60), "the first instance routing", || {
@@ -1003,20 +978,10 @@ fn instances_joining_and_leaving_under_load_route_every_action_once() {
     wait_for(deadline(60), "the second instance routing alone", || {
         consumed(&second_metrics) >= before + 200
     });
-    publishing.store(false, Ordering::Relaxed);
-    let sent = publisher.join().expect("the publisher");
-
-    let ids: std::collections::HashSet<String> = sent
-        .iter()
-        .filter_map(|c| c.action_id().map(String::from))
-        .collect();
+    let sent = stream.stop();
     let mut tail = Tail::new(&config, &[&config.topics.pending]);
     assert!(
-        tail.until(deadline(60), |records| {
-            let routed: std::collections::HashSet<&[u8]> =
-                records.iter().filter_map(|r| r.key.as_deref()).collect();
-            ids.iter().all(|id| routed.contains(id.as_bytes()))
-        }),
+        tail.until(deadline(60), |r| routed_ids(r) >= sent.len()),
         "every action routed in the end"
     );
     second.stop(Duration::from_secs(60));

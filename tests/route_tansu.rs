@@ -8,8 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -48,83 +46,6 @@ fn holds(addr: &str) -> f64 {
 
 fn ready(addr: &str) -> bool {
     http_get(addr, "/readyz").is_some_and(|(status, _)| status == 200)
-}
-
-/// A producer thread sending valid actions round-robin over the three
-/// partitions until stopped; returns what it sent.
-struct Stream {
-    running: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    handle: Option<std::thread::JoinHandle<Vec<Case>>>,
-}
-
-impl Stream {
-    fn start(config: &Config, prefix: &str) -> Stream {
-        let running = Arc::new(AtomicBool::new(true));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let (flag, count) = (running.clone(), sent.clone());
-        let bootstrap = config.bootstrap_servers.clone();
-        let topic = config.topics.actions.clone();
-        let prefix = prefix.to_string();
-        let handle = std::thread::spawn(move || {
-            let producer = Producer::new(&bootstrap);
-            let mut cases = Vec::new();
-            let mut burst = 0;
-            while flag.load(Ordering::Relaxed) {
-                for (i, case) in valid_cases(&format!("{prefix}-{burst}"), 6)
-                    .into_iter()
-                    .enumerate()
-                {
-                    let case = case.on(i as i32 % 3);
-                    producer.send(
-                        &topic,
-                        case.partition,
-                        case.key.as_deref(),
-                        case.payload.as_deref(),
-                    );
-                    cases.push(case);
-                }
-                producer.flush();
-                count.store(cases.len(), Ordering::Relaxed);
-                burst += 1;
-                // A steady rate, not a wait for anything.
-                std::thread::sleep(Duration::from_millis(25));
-            }
-            cases
-        });
-        Stream {
-            running,
-            sent,
-            handle: Some(handle),
-        }
-    }
-
-    fn sent(&self) -> usize {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    fn stop(mut self) -> Vec<Case> {
-        self.running.store(false, Ordering::Relaxed);
-        self.handle.take().unwrap().join().expect("the producer thread")
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.running.store(false, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// The number of distinct actions with a pending record so far.
-fn routed_ids(records: &[switchboard::changelog::ReadRecord]) -> usize {
-    records
-        .iter()
-        .filter_map(|r| r.key.as_deref())
-        .collect::<std::collections::HashSet<_>>()
-        .len()
 }
 
 /// The partition counts of the "partitions assigned" log lines of an
@@ -182,7 +103,7 @@ fn two_instances_share_the_partitions_and_survive_a_sigkill() {
         ready(&addr_a) && ready(&addr_b)
     });
 
-    let stream = Stream::start(&config, "pair");
+    let stream = Stream::start(&config, "pair", 6);
     wait_for(deadline(60), "both instances routing their share", || {
         consumed(&addr_a).is_some_and(|n| n > 0.0) && consumed(&addr_b).is_some_and(|n| n > 0.0)
     });
@@ -357,7 +278,7 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
     let matrix = default_matrix();
     ensure_topics(&config, &matrix);
 
-    let stream = Stream::start(&config, "crash");
+    let stream = Stream::start(&config, "crash", 6);
     // A fixed seed: the kill points differ from kill to kill, not from run to run.
     let mut seed: u64 = 0x5eed_cafe;
     let mut next = |range: std::ops::Range<u64>| {
@@ -453,7 +374,7 @@ fn three_instances_one_killed_one_added_lose_and_double_nothing() {
         live.iter().all(|(_, a)| holds(a) == 1.0)
     });
 
-    let stream = Stream::start(&config, "trio");
+    let stream = Stream::start(&config, "trio", 6);
     wait_for(deadline(60), "all three routing", || {
         live.iter().all(|(_, a)| consumed(a).unwrap_or(0.0) > 0.0)
     });
@@ -525,7 +446,7 @@ fn a_broker_restart_under_load_loses_nothing() {
     let mut instance = route_instance("through-the-outage", &tansu, &addr);
     wait_for(deadline(60), "the instance ready", || ready(&addr));
 
-    let stream = Stream::start(&config, "outage");
+    let stream = Stream::start(&config, "outage", 6);
     wait_for(deadline(60), "routing under load", || {
         consumed(&addr).unwrap_or(0.0) >= 100.0
     });

@@ -210,16 +210,10 @@ impl RouteStage {
                         // past it, goes too.
                         if let Some((next, _, done)) = next.take() {
                             rewind(consumer, &next);
-                            self.settle(consumer, Vec::new(), vec![done], &mut in_flight, &mut summary);
+                            forget(&mut in_flight, &done);
                         }
                         seek_to(consumer, &batch.starts);
-                        self.settle(
-                            consumer,
-                            Vec::new(),
-                            vec![batch.done],
-                            &mut in_flight,
-                            &mut summary,
-                        );
+                        forget(&mut in_flight, &batch.done);
                         self.back_off(&error, batch.records, &mut backoff);
                     }
                 }
@@ -238,13 +232,7 @@ impl RouteStage {
                 Err((_, SinkError::Fatal(reason))) => break Err(reason),
                 Err((open, error)) => {
                     rewind(consumer, &batch);
-                    self.settle(
-                        consumer,
-                        Vec::new(),
-                        vec![open.done],
-                        &mut in_flight,
-                        &mut summary,
-                    );
+                    forget(&mut in_flight, &open.done);
                     self.back_off(&error, open.records, &mut backoff);
                 }
             }
@@ -395,10 +383,7 @@ impl RouteStage {
             self.committed(&done.topics, &done.matrix, done.fresh, &done.counts);
         }
         for done in abandoned {
-            // Not durable: routed again when their records come back.
-            for r in &done.fresh {
-                in_flight.remove(&r.action_id);
-            }
+            forget(in_flight, &done);
         }
     }
 
@@ -752,6 +737,14 @@ struct InFlightBatch {
     matrix: Arc<Matrix>,
     fresh: Vec<Routed>,
     counts: Counts,
+}
+
+/// A batch that was not made durable: its actions leave the in-flight set,
+/// to be routed again when their records come back.
+fn forget(in_flight: &mut InFlightIds, done: &InFlightBatch) {
+    for r in &done.fresh {
+        in_flight.remove(&r.action_id);
+    }
 }
 
 /// Records per input topic of a batch.

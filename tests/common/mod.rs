@@ -24,7 +24,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1635,4 +1635,83 @@ fn normalise(p: Option<&[u8]>) -> Option<&[u8]> {
 /// The only version a matrix routes with, as `check_outputs` wants it.
 pub fn one_version(matrix: Matrix) -> BTreeMap<String, Matrix> {
     BTreeMap::from([(matrix.version.clone(), matrix)])
+}
+
+// ------------------------------------------------------ steady streams ----
+
+/// A producer thread sending valid actions round-robin over the three
+/// partitions, `per_burst` every 25 ms, until stopped; returns what it sent.
+pub struct Stream {
+    running: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    handle: Option<std::thread::JoinHandle<Vec<Case>>>,
+}
+
+impl Stream {
+    pub fn start(config: &Config, prefix: &str, per_burst: usize) -> Stream {
+        let running = Arc::new(AtomicBool::new(true));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (running.clone(), sent.clone());
+        let bootstrap = config.bootstrap_servers.clone();
+        let topic = config.topics.actions.clone();
+        let prefix = prefix.to_string();
+        let handle = std::thread::spawn(move || {
+            let producer = Producer::new(&bootstrap);
+            let mut cases = Vec::new();
+            let mut burst = 0;
+            while flag.load(Ordering::Relaxed) {
+                for (i, case) in valid_cases(&format!("{prefix}-{burst}"), per_burst)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let case = case.on(i as i32 % 3);
+                    producer.send(
+                        &topic,
+                        case.partition,
+                        case.key.as_deref(),
+                        case.payload.as_deref(),
+                    );
+                    cases.push(case);
+                }
+                producer.flush();
+                count.store(cases.len(), Ordering::Relaxed);
+                burst += 1;
+                // A steady rate, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            cases
+        });
+        Stream {
+            running,
+            sent,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> Vec<Case> {
+        self.running.store(false, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("the producer thread")
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The number of distinct actions with a pending record so far.
+pub fn routed_ids(records: &[switchboard::changelog::ReadRecord]) -> usize {
+    records
+        .iter()
+        .filter_map(|r| r.key.as_deref())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }

@@ -924,24 +924,10 @@ fn a_fenced_producer_stops_and_its_successor_routes_every_action_once() {
     sent.extend(wave);
     let addr = format!("127.0.0.1:{}", free_port());
     let mut last = instance("successor", &addr);
-    let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(120), |r| routed_ids(r) >= sent.len()),
-        "every action routed in the end"
-    );
+    wait_routed(&config, sent.len(), deadline(120));
     last.signal("TERM");
     last.wait_success(Duration::from_secs(30));
-
-    let inputs = read(&config, &[&config.topics.actions]);
-    assert_eq!(inputs.len(), sent.len());
-    check_outputs(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read(&config, &matrix),
-    );
+    check_sent(&config, &matrix, &sent);
 }
 
 /// Exactly once through rebalances under load. While actions keep coming
@@ -979,23 +965,9 @@ fn instances_joining_and_leaving_under_load_route_every_action_once() {
         consumed(&second_metrics) >= before + 200
     });
     let sent = stream.stop();
-    let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(60), |r| routed_ids(r) >= sent.len()),
-        "every action routed in the end"
-    );
+    wait_routed(&config, sent.len(), deadline(60));
     second.stop(Duration::from_secs(60));
-
-    let inputs = read(&config, &[&actions]);
-    assert_eq!(inputs.len(), sent.len());
-    check_outputs(
-        &config,
-        &one_version(matrix.clone()),
-        &Directory::default(),
-        &sent,
-        &inputs,
-        &Outputs::read(&config, &matrix),
-    );
+    check_sent(&config, &matrix, &sent);
 }
 
 /// A record's own headers travel with it: the dead letter of a bad record

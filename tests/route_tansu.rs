@@ -326,11 +326,7 @@ fn sigkill_ten_times_under_load_loses_and_doubles_nothing() {
         holds(&addr) == 3.0
     });
     let sent = stream.stop();
-    let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
-        "every action routed in the end"
-    );
+    wait_routed(&config, sent.len(), deadline(90));
     last.signal("TERM");
     last.wait_success(Duration::from_secs(30));
 
@@ -410,11 +406,7 @@ fn three_instances_one_killed_one_added_lose_and_double_nothing() {
         });
     }
     let sent = stream.stop();
-    let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
-        "every action routed"
-    );
+    wait_routed(&config, sent.len(), deadline(90));
     for (instance, _) in &mut live {
         instance.signal("TERM");
         instance.wait_success(Duration::from_secs(30));
@@ -459,11 +451,7 @@ fn a_broker_restart_under_load_loses_nothing() {
         stream.sent() >= at_restart + 100
     });
     let sent = stream.stop();
-    let mut tail = Tail::new(&config, &[&config.topics.pending]);
-    assert!(
-        tail.until(deadline(90), |r| routed_ids(r) >= sent.len()),
-        "every action routed after the restart"
-    );
+    wait_routed(&config, sent.len(), deadline(90));
     instance.signal("TERM");
     instance.wait_success(Duration::from_secs(30));
 

@@ -1632,6 +1632,30 @@ fn normalise(p: Option<&[u8]>) -> Option<&[u8]> {
     p.filter(|p| !p.is_empty())
 }
 
+/// Every case sent is on the actions topic, and each went where the one
+/// matrix says (no directory), read back read_committed.
+pub fn check_sent(config: &Config, matrix: &Matrix, sent: &[Case]) {
+    let inputs = read(config, &[&config.topics.actions]);
+    assert_eq!(inputs.len(), sent.len());
+    check_outputs(
+        config,
+        &one_version(matrix.clone()),
+        &Directory::default(),
+        sent,
+        &inputs,
+        &Outputs::read(config, matrix),
+    );
+}
+
+/// Waits until every one of `n` distinct actions has a pending record.
+pub fn wait_routed(config: &Config, n: usize, deadline: Instant) {
+    let mut tail = Tail::new(config, &[&config.topics.pending]);
+    assert!(
+        tail.until(deadline, |r| routed_ids(r) >= n),
+        "every action routed in the end"
+    );
+}
+
 /// The only version a matrix routes with, as `check_outputs` wants it.
 pub fn one_version(matrix: Matrix) -> BTreeMap<String, Matrix> {
     BTreeMap::from([(matrix.version.clone(), matrix)])

@@ -207,8 +207,9 @@ pub struct RunArgs {
     /// Records per transaction (or per commit) at most.
     #[arg(long, default_value_t = 1000, env = "SWITCHBOARD_BATCH_SIZE")]
     pub batch_size: usize,
-    /// Milliseconds a batch waits for more records once it has one.
-    #[arg(long, default_value_t = 2, env = "SWITCHBOARD_BATCH_WAIT_MS")]
+    /// Milliseconds a batch waits for more records once it has one (0:
+    /// it takes what the consumer already holds and closes).
+    #[arg(long, default_value_t = 0, env = "SWITCHBOARD_BATCH_WAIT_MS")]
     pub batch_wait_ms: u64,
     /// How long a closed action is remembered (and a redelivery of it
     /// refused) before its pending record is tombstoned: 7d, 36h, 90m…

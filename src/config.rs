@@ -102,7 +102,11 @@ impl Config {
             replication_factor: 1,
             max_record_bytes: crate::decode::DEFAULT_MAX_RECORD_BYTES,
             batch_size: 1000,
-            batch_wait: Duration::from_millis(2),
+            // None: a batch takes what the consumer holds and closes. On
+            // the mock cluster at half load the route stage's p99 was
+            // 2.6 to 3.1 ms lower than with 2 ms (three alternating
+            // pairs), bulk throughput and latency on tansu the same.
+            batch_wait: Duration::ZERO,
             schemas_dir: None,
             closed_retention: DEFAULT_CLOSED_RETENTION,
         }

@@ -14,6 +14,10 @@
 //! 3. switchboard's route stage on the same records, at-least-once (tansu
 //!    refuses librdkafka's transactions), until all N are committed; then
 //!    the same pair again on the actions encoded as Confluent-framed Avro;
+//!    and the floor under the stage: the passthrough's loop writing, for
+//!    every action, the records the stage writes for one (made ahead by
+//!    the stage's own code, so the loop decodes, routes and encodes
+//!    nothing): what the contract's writes alone cost on this broker;
 //! 4. the same pair exactly once on librdkafka's mock cluster (the copy
 //!    loop then commits each batch in a transaction too);
 //! 5. end-to-end latency at a fixed offered rate of half the route stage's
@@ -37,7 +41,7 @@
 //! Flags (after `--`): `--records N` (200000), `--partitions P` (3),
 //! `--eos-records N` (N/4), `--latency-secs S` (10), `--pending K`
 //! (1000000), `--timers T` (100000), `--only STEPS` (a comma-separated
-//! subset of `route,avro,latency,latency-mock,eos,latency-eos,restore,timers`),
+//! subset of `route,floor,avro,latency,latency-mock,eos,latency-eos,restore,timers`),
 //! `--rate R` (the latency steps' offered rate when the route step, or for
 //! `latency-eos` the `eos` step, is skipped). Under `cargo test` (no `--bench`
 //! flag) it runs every step at a small size, as a smoke test that fails
@@ -54,7 +58,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,9 +74,16 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, consumer::CommitMode};
+use switchboard::clock::SystemClock;
 use switchboard::config::{Config, Guarantee, Stage};
+use switchboard::decode::Decoder;
+use switchboard::http::Health;
+use switchboard::kafka::InputRecord;
 use switchboard::kafka::{consumer_config, producer_config};
 use switchboard::metrics::Metrics;
+use switchboard::reload::MatrixHandle;
+use switchboard::sink::Output;
+use switchboard::stage::route::{Handled, RouteStage};
 
 use common::{Proc, Tansu, free_port, manifest_dir, scrape, switchboard_command};
 
@@ -159,9 +170,11 @@ fn main() {
     let mut rows = Vec::new();
 
     let mut ratio = f64::NAN;
+    let mut floor_ratio = f64::NAN;
     let mut avro_ratio = f64::NAN;
     let mut route = f64::NAN;
-    if args.runs("route") || args.runs("avro") || args.runs("latency") {
+    let throughput = args.runs("route") || args.runs("floor");
+    if throughput || args.runs("avro") || args.runs("latency") {
         // ---- tansu: throughput, at least once ----
         eprintln!(
             "== tansu: loading {} actions into {} partitions",
@@ -178,7 +191,7 @@ fn main() {
             Guarantee::AtLeastOnce,
             args.partitions,
         );
-        if args.runs("route") {
+        if throughput {
             let actions = synthetic(args.records, "t");
             let loaded = load(&bootstrap, input, &actions);
             rows.push(Row {
@@ -195,14 +208,39 @@ fn main() {
                 &tansu,
                 throughput_row("tansu", "passthrough, at least once", args.records, pass),
             ));
-            eprintln!("== tansu: route stage");
-            let cpu = Cpu::now(&tansu);
-            route = run_route(&runtime, config.clone(), args.records);
-            rows.push(cpu.row(
-                &tansu,
-                throughput_row("tansu", "route stage, at least once", args.records, route),
-            ));
-            ratio = pass / route;
+            if args.runs("route") {
+                eprintln!("== tansu: route stage");
+                let cpu = Cpu::now(&tansu);
+                route = run_route(&runtime, config.clone(), args.records);
+                rows.push(cpu.row(
+                    &tansu,
+                    throughput_row("tansu", "route stage, at least once", args.records, route),
+                ));
+                ratio = pass / route;
+            }
+            if args.runs("floor") {
+                eprintln!("== tansu: floor (the stage's writes, nothing routed)");
+                let sample = &actions[..actions.len().min(FLOOR_SAMPLE)];
+                let writes = stage_writes(&config, sample, "floor.");
+                create_topics(&runtime, &bootstrap, &floor_topics(&writes), args.partitions);
+                let bytes: usize = writes
+                    .iter()
+                    .flatten()
+                    .map(|o| o.key.as_ref().map_or(0, Vec::len) + o.payload.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let records: usize = writes.iter().map(Vec::len).sum();
+                let cpu = Cpu::now(&tansu);
+                let seconds = floor(&bootstrap, input, &writes, args.records);
+                let mut row =
+                    throughput_row("tansu", "floor: the stage's writes alone", args.records, seconds);
+                row.note += &format!(
+                    " ({:.2} records, {:.0} bytes per action)",
+                    records as f64 / sample.len() as f64,
+                    bytes as f64 / sample.len() as f64
+                );
+                rows.push(cpu.row(&tansu, row));
+                floor_ratio = pass / seconds;
+            }
         }
 
         if args.runs("avro") {
@@ -394,8 +432,8 @@ fn main() {
 
     print_table(&rows, &args);
     println!(
-        "ratio: route/passthrough = {:.2} (Avro input: {:.2}; exactly once on the mock cluster: {:.2})",
-        ratio, avro_ratio, eos_ratio
+        "ratio: route/passthrough = {:.2} (floor/passthrough: {:.2}; Avro input: {:.2}; exactly once on the mock cluster: {:.2})",
+        ratio, floor_ratio, avro_ratio, eos_ratio
     );
 }
 
@@ -683,7 +721,16 @@ fn passthrough(bootstrap: &str, input: &str, output: &str, n: usize, exactly_onc
             .create_with_context(Acks::default())
             .expect("the passthrough producer");
         warm_up(producer.client(), output);
-        return copy_pipelined(&consumer, &producer, input, output, n);
+        return copy_pipelined(&consumer, &producer, input, n, |message, id| {
+            send_with(
+                &producer,
+                output,
+                message.key().unwrap_or_default(),
+                message.payload().unwrap_or_default(),
+                id,
+            );
+            1
+        });
     }
     let producer: BaseProducer = producer_config(&config, Some("bench-passthrough"))
         .create()
@@ -747,18 +794,33 @@ fn copy_batch<C: rdkafka::producer::ProducerContext>(
     first: Duration,
     opaque: impl Fn(usize) -> C::DeliveryOpaque,
 ) -> NextOffsets {
-    let mut next = NextOffsets::default();
-    let mut wait = first;
-    while next.records < limit {
-        let Some(message) = consumer.poll(wait) else { break };
-        let message = message.expect("consuming");
+    write_batch(consumer, limit, first, |message, records| {
         send_with(
             producer,
             output,
             message.key().unwrap_or_default(),
             message.payload().unwrap_or_default(),
-            opaque(next.records),
+            opaque(records),
         );
+        1
+    })
+}
+
+/// One batch as the stages take one (up to `limit` records, waiting
+/// `first` for the first and 2 ms for each next), each handed to `write`
+/// with the records so far, which returns how many records it produced.
+fn write_batch(
+    consumer: &BaseConsumer<Assigned>,
+    limit: usize,
+    first: Duration,
+    mut write: impl FnMut(&rdkafka::message::BorrowedMessage<'_>, usize) -> usize,
+) -> NextOffsets {
+    let mut next = NextOffsets::default();
+    let mut wait = first;
+    while next.records < limit {
+        let Some(message) = consumer.poll(wait) else { break };
+        let message = message.expect("consuming");
+        next.sent += write(&message, next.records);
         next.by_partition
             .insert(message.partition(), message.offset() + 1);
         next.records += 1;
@@ -772,6 +834,8 @@ fn copy_batch<C: rdkafka::producer::ProducerContext>(
 struct NextOffsets {
     by_partition: BTreeMap<i32, i64>,
     records: usize,
+    /// Records produced for them.
+    sent: usize,
 }
 
 impl NextOffsets {
@@ -799,8 +863,8 @@ fn copy_pipelined(
     consumer: &BaseConsumer<Assigned>,
     producer: &BaseProducer<Acks>,
     input: &str,
-    output: &str,
     n: usize,
+    mut write: impl FnMut(&rdkafka::message::BorrowedMessage<'_>, usize) -> usize,
 ) -> f64 {
     struct InFlight {
         offsets: NextOffsets,
@@ -823,7 +887,7 @@ fn copy_pipelined(
             in_flight[id - first_id].acked += 1;
         }
         let mut done = NextOffsets::default();
-        while in_flight.front().is_some_and(|b| b.acked == b.offsets.records) {
+        while in_flight.front().is_some_and(|b| b.acked == b.offsets.sent) {
             let batch = in_flight.pop_front().expect("checked");
             first_id += 1;
             done.records += batch.offsets.records;
@@ -854,7 +918,9 @@ fn copy_pipelined(
             100
         });
         let id = first_id + in_flight.len();
-        let offsets = copy_batch(consumer, producer, output, 1000.min(n - copied), first, |_| id);
+        let offsets = write_batch(consumer, 1000.min(n - copied), first, |message, _| {
+            write(message, id)
+        });
         if started.is_none() && consumer.context().0.load(Ordering::Acquire) {
             started = Some(Instant::now());
         }
@@ -904,6 +970,96 @@ fn wait_delivered<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer
         producer.poll(Duration::ZERO);
         std::thread::sleep(Duration::from_micros(200));
     }
+}
+
+// -------------------------------------------------------------- floor ----
+
+/// Actions whose writes the floor cycles through: enough for the mix of
+/// kinds, lanes and sizes, few enough (a few megabytes) to stay in cache as
+/// the stage's freshly encoded records are.
+const FLOOR_SAMPLE: usize = 2_000;
+
+/// The records the route stage writes for an action, as DESIGN.md has it
+/// write them (the packet on each review lane's topic, or on
+/// `actions.allowed`, and the action's record in `switchboard.pending`),
+/// for each of `actions`, made ahead of any clock by the stage's own
+/// [`RouteStage::handle`], each bound for `prefix` + its topic.
+fn stage_writes(config: &Config, actions: &[(String, Vec<u8>)], prefix: &str) -> Vec<Vec<Output>> {
+    let stage = RouteStage {
+        matrix: MatrixHandle::load(&config.matrix_path, Metrics::new()).expect("the bench's matrix loads"),
+        config: Arc::new(config.clone()),
+        decoder: Decoder::bundled(),
+        directory: Arc::default(),
+        seen: Arc::default(),
+        metrics: Metrics::new(),
+        health: Health::new(),
+        clock: Arc::new(SystemClock),
+    };
+    let matrix = stage.matrix.current();
+    let now = Utc::now();
+    actions
+        .iter()
+        .map(|(key, bytes)| {
+            let record = InputRecord {
+                topic: config.topics.actions.clone(),
+                partition: 0,
+                offset: 0,
+                key: Some(key.as_bytes().to_vec()),
+                payload: Some(bytes.clone()),
+                headers: Vec::new(),
+            };
+            match stage.handle(&record, &matrix, now) {
+                Handled::Routed(mut routed) => {
+                    for output in &mut routed.outputs {
+                        output.topic.insert_str(0, prefix);
+                    }
+                    routed.outputs
+                }
+                Handled::Dead { reason, .. } => panic!("a synthetic action was dead-lettered: {reason}"),
+            }
+        })
+        .collect()
+}
+
+/// The floor under the route stage: the pipelined passthrough writing, for
+/// each action it reads, what the stage writes for an action (the next of
+/// `writes`, [`stage_writes`] of a sample of the same actions, to topics of
+/// their own, keyed by the action read), and nothing else: no decoding,
+/// routing, encoding or duplicate check in the loop. However little
+/// switchboard's own work cost, the stage could not beat this on the same
+/// broker. Returns seconds from assignment to the last commit.
+fn floor(bootstrap: &str, input: &str, writes: &[Vec<Output>], n: usize) -> f64 {
+    let mut config = Config::new(bootstrap, PathBuf::new());
+    config.kafka.0.extend(extra_kafka());
+    let consumer: BaseConsumer<Assigned> = consumer_config(&config, "bench-floor")
+        .create_with_context(Assigned::default())
+        .expect("the floor's consumer");
+    consumer.subscribe(&[input]).expect("subscribing");
+    let producer: BaseProducer<Acks> = producer_config(&config, None)
+        .create_with_context(Acks::default())
+        .expect("the floor's producer");
+    for topic in floor_topics(writes) {
+        warm_up(producer.client(), topic);
+    }
+    let mut next = writes.iter().cycle();
+    copy_pipelined(&consumer, &producer, input, n, |message, id| {
+        let outputs = next.next().expect("a cycle of a non-empty sample");
+        for output in outputs {
+            send_with(
+                &producer,
+                &output.topic,
+                message.key().unwrap_or_default(),
+                output.payload.as_deref().unwrap_or_default(),
+                id,
+            );
+        }
+        outputs.len()
+    })
+}
+
+fn floor_topics(writes: &[Vec<Output>]) -> Vec<&str> {
+    let topics: BTreeSet<&str> = writes.iter().flatten().map(|o| o.topic.as_str()).collect();
+    topics.into_iter().collect()
 }
 
 // -------------------------------------------------------- route stage ----

@@ -7,8 +7,8 @@
 //! reports when it has caught up with the high watermarks it saw at start,
 //! and then keeps tailing until told to stop.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -76,7 +76,28 @@ pub type Apply = Box<dyn FnMut(&str, &[u8], Option<&[u8]>) + Send>;
 pub struct TableReader {
     caught_up: Arc<AtomicBool>,
     halt: Arc<AtomicBool>,
+    catch_up: CatchUp,
     handle: Option<JoinHandle<()>>,
+}
+
+/// Asks a running [`TableReader`] to read up to the topics' ends as they
+/// are now. The route stage asks at every assignment, before it routes a
+/// record of the partitions it was given: their last owner's pending
+/// records must be in the seen index by then, or an action that owner
+/// routed and its agent sent again could open a second approval.
+#[derive(Clone)]
+pub struct CatchUp {
+    requests: mpsc::Sender<mpsc::Sender<()>>,
+}
+
+impl CatchUp {
+    /// Waits until the reader has read everything its topics held when
+    /// asked (up to the last stable offsets, as it reads committed records
+    /// only), or `limit` passes; says whether it has.
+    pub fn now(&self, limit: Duration) -> bool {
+        let (reply, done) = mpsc::channel();
+        self.requests.send(reply).is_ok() && done.recv_timeout(limit).is_ok()
+    }
 }
 
 impl TableReader {
@@ -100,15 +121,31 @@ impl TableReader {
         let flag = caught_up.clone();
         let halt = Arc::new(AtomicBool::new(false));
         let halted = halt.clone();
+        let (requests, asked) = mpsc::channel::<mpsc::Sender<()>>();
         let reader = name.to_string();
         let handle = std::thread::Builder::new()
             .name(format!("{name}-reader"))
             .spawn(move || {
                 let mut records = 0u64;
                 let mut watch = EndWatch::new(targets);
+                // A catch-up asked for: where it ends, and whom to tell.
+                let mut asking: Option<(EndWatch, Vec<mpsc::Sender<()>>)> = None;
                 while !stop.load(Ordering::Relaxed) && !halted.load(Ordering::Relaxed) {
-                    let polled = consumer.poll(Duration::from_millis(100));
+                    let mut replies: Vec<_> = asked.try_iter().collect();
+                    if !replies.is_empty() {
+                        // Ends read now cover an earlier request's too.
+                        if let Some((_, earlier)) = asking.take() {
+                            replies.extend(earlier);
+                        }
+                        asking = Some((EndWatch::new(ends_now(&consumer)), replies));
+                    }
+                    // Short polls: an idle reader notices a catch-up asked
+                    // for only between them, and the stage waits on it.
+                    let polled = consumer.poll(Duration::from_millis(10));
                     watch.polled(polled.as_ref());
+                    if let Some((asked_watch, _)) = asking.as_mut() {
+                        asked_watch.polled(polled.as_ref());
+                    }
                     match polled {
                         Some(Ok(m)) => {
                             records += 1;
@@ -121,6 +158,15 @@ impl TableReader {
                         tracing::info!(reader = %reader, records, "table caught up");
                         flag.store(true, Ordering::Release);
                     }
+                    if let Some((asked_watch, replies)) = asking.as_mut()
+                        && asked_watch.reached(&consumer)
+                    {
+                        for reply in replies.drain(..) {
+                            // The asker may have given up waiting.
+                            let _ = reply.send(());
+                        }
+                        asking = None;
+                    }
                 }
                 close_consumer(consumer, CLOSE_LIMIT);
             })
@@ -128,8 +174,14 @@ impl TableReader {
         Ok(TableReader {
             caught_up,
             halt,
+            catch_up: CatchUp { requests },
             handle: Some(handle),
         })
+    }
+
+    /// A handle that asks this reader to catch up (see [`CatchUp`]).
+    pub fn catch_up(&self) -> CatchUp {
+        self.catch_up.clone()
     }
 
     /// Whether everything present at start has been read.
@@ -188,6 +240,31 @@ impl EndWatch {
     pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
         std::mem::take(&mut self.check) && reached(consumer, &self.targets)
     }
+}
+
+/// The ends of every partition `consumer` is assigned, as they are now:
+/// the last stable offsets, since a reader reads committed records only
+/// (librdkafka lists offsets at the consumer's isolation level). A
+/// partition whose end cannot be read now is left out (its records still
+/// come; the catch-up just does not wait for them), rather than hold the
+/// stage.
+fn ends_now(consumer: &BaseConsumer) -> Ends {
+    let Ok(assignment) = consumer.assignment() else {
+        return Vec::new();
+    };
+    assignment
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            match consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10)) {
+                Ok((_, high)) => (high > 0).then(|| (e.topic().to_string(), e.partition(), high)),
+                Err(error) => {
+                    tracing::warn!(topic = e.topic(), partition = e.partition(), %error, "cannot read a partition's end");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// Positions (which step over transaction markers, unlike the offsets of

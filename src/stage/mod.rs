@@ -41,12 +41,19 @@ pub struct StageContext {
     /// commits their offsets there, so the partitions' next owner starts
     /// after them.
     on_revoke: Mutex<Option<RevokeHook>>,
+    /// Run once partitions are assigned, before a record of theirs is
+    /// polled: the route stage brings its seen index up to the changelog's
+    /// end there (see [`crate::changelog::CatchUp`]).
+    on_assign: Mutex<Option<AssignHook>>,
     /// Set when the broker refused an asynchronous offset commit.
     commit_refused: AtomicBool,
 }
 
 /// See [`StageContext::set_on_revoke`].
 pub type RevokeHook = Box<dyn Fn(&BaseConsumer<StageContext>) + Send + Sync>;
+
+/// See [`StageContext::set_on_assign`].
+pub type AssignHook = Box<dyn Fn() + Send + Sync>;
 
 impl StageContext {
     pub fn new(metrics: Metrics) -> Self {
@@ -57,6 +64,7 @@ impl StageContext {
             brokers_down: AtomicBool::new(false),
             revocations: AtomicU64::new(0),
             on_revoke: Mutex::new(None),
+            on_assign: Mutex::new(None),
             commit_refused: AtomicBool::new(false),
         }
     }
@@ -65,6 +73,17 @@ impl StageContext {
     /// revoked. It runs on the thread polling the consumer, inside the poll.
     pub fn set_on_revoke(&self, hook: Option<RevokeHook>) {
         match self.on_revoke.lock() {
+            Ok(mut slot) => *slot = hook,
+            Err(poisoned) => *poisoned.into_inner() = hook,
+        }
+    }
+
+    /// Sets (or with `None` clears) what runs once partitions are
+    /// assigned. It runs on the thread polling the consumer, inside the
+    /// poll, so no record of the new partitions is handed out before it
+    /// returns.
+    pub fn set_on_assign(&self, hook: Option<AssignHook>) {
+        match self.on_assign.lock() {
             Ok(mut slot) => *slot = hook,
             Err(poisoned) => *poisoned.into_inner() = hook,
         }
@@ -206,6 +225,15 @@ impl ConsumerContext for StageContext {
                 self.assigned.store(true, Ordering::Release);
                 self.count_partitions(tpl, true);
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                if tpl.count() > 0 {
+                    let hook = match self.on_assign.lock() {
+                        Ok(slot) => slot,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if let Some(hook) = hook.as_ref() {
+                        hook();
+                    }
+                }
             }
             Rebalance::Revoke(tpl) => {
                 self.count_partitions(tpl, false);

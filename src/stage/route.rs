@@ -91,11 +91,24 @@ impl RouteStage {
     /// Runs until `stop` is set or `--max-events` records are committed.
     pub fn run(&self, stop: Arc<AtomicBool>) -> Result<RouteSummary, KafkaStageError> {
         let config = &self.config;
-        let (_seen_reader, _directory_reader) = self.start_readers(stop.clone())?;
+        let (seen_reader, _directory_reader) = self.start_readers(stop.clone())?;
 
         let consumer: BaseConsumer<StageContext> = consumer_config(config, &config.group_id)
             .create_with_context(StageContext::new(self.metrics.clone()).with_health(self.health.clone()))
             .map_err(KafkaStageError::kafka("creating the route consumer"))?;
+        let catch_up = seen_reader.catch_up();
+        consumer.context().set_on_assign(Some(Box::new(move || {
+            let started = Instant::now();
+            if catch_up.now(CATCH_UP_LIMIT) {
+                tracing::debug!(took = ?started.elapsed(), "seen index caught up with the changelog");
+            } else {
+                tracing::error!(
+                    limit = ?CATCH_UP_LIMIT,
+                    "the seen index did not catch up with the changelog; routing the new partitions anyway: \
+                     an action their last owner routed and its agent sends again may open a second approval"
+                );
+            }
+        })));
         consumer
             .subscribe(&[config.topics.actions.as_str()])
             .map_err(KafkaStageError::kafka("subscribing to the actions topic"))?;
@@ -729,6 +742,12 @@ type InFlightIds = HashSet<String, foldhash::fast::RandomState>;
 /// How long a revocation (or a stop) waits for the batches in flight
 /// before giving up on them: well inside the group's max.poll.interval.ms.
 const REVOKE_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long an assignment waits for the seen index to catch up with the
+/// changelog before routing anyway (and saying so): long enough for a
+/// reader behind by a burst, well inside the group's max.poll.interval.ms,
+/// as the wait runs inside a poll.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 
 /// What the route stage keeps of a batch in flight, for when it is durable.
 struct InFlightBatch {

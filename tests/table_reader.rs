@@ -1,0 +1,137 @@
+//! Table readers (`src/changelog.rs`) on the mock cluster: a catch-up asked
+//! for while records keep coming returns only once everything the topic
+//! held at that moment has been applied. The route stage asks for one at
+//! every assignment, so that the seen index holds every action the
+//! partitions' last owner routed before a record of theirs is routed here.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use switchboard::changelog::TableReader;
+use switchboard::config::Config;
+
+const TOPIC: &str = "table";
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Holds a reader's thread at its next record while closed: a reader
+/// behind the topic, as one is under load, without a sleep.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let closed = self.closed.lock().unwrap();
+        drop(self.opened.wait_while(closed, |closed| *closed).unwrap());
+    }
+}
+
+/// A reader of `TOPIC` that keeps the keys it has applied, each once
+/// through `gate`.
+fn reader(
+    kafka: &MockKafka,
+    stop: &Arc<AtomicBool>,
+    gate: &Arc<Gate>,
+) -> (TableReader, Arc<Mutex<HashSet<Vec<u8>>>>) {
+    let keys: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let applied = keys.clone();
+    let gate = gate.clone();
+    let config = Config::new(kafka.bootstrap(), PathBuf::new());
+    let reader = TableReader::spawn(
+        &config,
+        "table",
+        vec![TOPIC.to_string()],
+        Box::new(move |_, key, _| {
+            gate.pass();
+            applied.lock().unwrap().insert(key.to_vec());
+        }),
+        stop.clone(),
+    )
+    .expect("the reader starts");
+    assert!(reader.wait_caught_up(stop, LIMIT), "the empty table is read");
+    (reader, keys)
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("action-{i:05}").into_bytes()
+}
+
+#[test]
+fn a_catch_up_returns_once_everything_written_before_it_is_applied() {
+    let kafka = MockKafka::new();
+    kafka.create_topic(TOPIC, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate::default());
+    let (reader, keys) = reader(&kafka, &stop, &gate);
+    let catch_up = reader.catch_up();
+    for round in 0..3 {
+        // The reader falls behind by everything written in the round.
+        gate.set(true);
+        let producer = Producer::new(&kafka.bootstrap());
+        for i in round * 2_000..(round + 1) * 2_000 {
+            producer.send(TOPIC, None, Some(&key(i)), Some(b"{}"));
+        }
+        producer.flush();
+        gate.set(false);
+        // No wait of the test's own: the catch-up is the wait.
+        assert!(catch_up.now(LIMIT), "round {round}: caught up within {LIMIT:?}");
+        let keys = keys.lock().unwrap();
+        let missing = (0..(round + 1) * 2_000)
+            .filter(|i| !keys.contains(&key(*i)))
+            .count();
+        assert_eq!(
+            missing, 0,
+            "round {round}: keys written before the catch-up but not applied"
+        );
+    }
+}
+
+/// A changelog written in transactions ends in commit markers, which no
+/// record reaches: the catch-up must step over them rather than wait out
+/// its limit.
+#[test]
+fn a_catch_up_steps_over_transaction_markers() {
+    let kafka = MockKafka::new();
+    kafka.create_topic(TOPIC, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate::default());
+    let (reader, keys) = reader(&kafka, &stop, &gate);
+    gate.set(true);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("transactional.id", "table-writer")
+        .create()
+        .expect("a transactional producer");
+    producer.init_transactions(LIMIT).expect("transactions");
+    for batch in 0..3 {
+        producer.begin_transaction().expect("a transaction");
+        for i in batch * 100..(batch + 1) * 100 {
+            let k = key(i);
+            producer
+                .send(BaseRecord::<[u8], [u8]>::to(TOPIC).key(&k).payload(b"{}"))
+                .expect("enqueued");
+        }
+        producer.commit_transaction(LIMIT).expect("committed");
+    }
+    gate.set(false);
+    assert!(
+        reader.catch_up().now(LIMIT),
+        "not caught up within {LIMIT:?}: the markers were not stepped over"
+    );
+    assert_eq!(keys.lock().unwrap().len(), 300);
+}

@@ -13,26 +13,31 @@
 //! to the [`Sink`] as one unit. In-memory state changes only once that unit
 //! is durable, so an aborted batch is simply done again, and a timer fires
 //! exactly once however the process stops.
+//!
+//! Here: the loop, and what pending records and decisions change;
+//! [`restore`] rebuilds a partition's state when it is assigned, and
+//! [`fire`] fires the timers that fall due.
+
+mod fire;
+mod restore;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::StageContext;
 use super::batch::{Input, InputRecord, next_offsets, poll_batch, rewind};
-use crate::changelog::read_partition_each;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::decode::SchemaSource;
 use crate::dlq;
-use crate::escalation::{self, Effects, Refusal, Timer, TimerKind, Timers};
+use crate::escalation::{self, Refusal, Timer, TimerKind, Timers};
 use crate::held::{Approvals, ById, Head, Held, Store};
 use crate::http::Health;
 use crate::kafka::{CLOSE_LIMIT, KafkaStageError, close_consumer, escalation_consumer_config};
@@ -148,71 +153,6 @@ fn undecided(record: &OwnedPendingRecord) -> impl Iterator<Item = &str> {
         .iter()
         .filter(move |l| open && l.verdict.is_none())
         .map(|l| &*l.lane)
-}
-
-/// What one partition's changelog restored, before it joins the state.
-#[derive(Default)]
-struct Restored {
-    records: ById<Held>,
-    /// Closed actions: action_id → (closing revision, when to tombstone).
-    closed: ById<(u64, DateTime<Utc>)>,
-    read: u64,
-    /// The offset after the last record applied (see `State::restored_to`).
-    applied_to: i64,
-    /// The timers of `records` and `closed`, and the undecided lanes of
-    /// `records` per lane: worked out on the restoring thread, so joining
-    /// the state only moves them.
-    timers: Timers,
-    open: HashMap<Arc<str>, i64>,
-}
-
-impl Restored {
-    /// Works out the timers and lane counts of what was read.
-    fn schedule(&mut self) {
-        let mut open: HashMap<Arc<str>, i64> = HashMap::new();
-        let mut timers = Vec::with_capacity(self.records.len() + self.closed.len());
-        for (id, held) in &self.records {
-            for lane in held.undecided() {
-                match open.get_mut(lane) {
-                    Some(n) => *n += 1,
-                    None => {
-                        open.insert(lane.clone(), 1);
-                    }
-                }
-            }
-            if held.status == Status::Open {
-                timers.extend(Timer::of_clocks(id, held.lanes.iter().map(|l| l.clock)));
-            }
-        }
-        for (id, (_, at)) in &self.closed {
-            timers.push(Timer::purge(id, *at));
-        }
-        self.timers = timers.into_iter().collect();
-        self.open = open;
-    }
-}
-
-/// Bursts of at least this many actions falling due at once are fired on
-/// every core; below it a thread costs more than it saves.
-const PARALLEL_BURST: usize = 512;
-
-/// One action's due timers, in due order.
-type Job<'t> = Vec<&'t Timer>;
-
-/// A worker's share of the jobs and what it made of them (`None`: it panicked).
-type Worked<'j, 't> = (&'j [Job<'t>], Option<Vec<Vec<Prepared>>>);
-
-/// A change worked out and serialized, ready to join the batch.
-struct Prepared {
-    partition: i32,
-    outputs: Vec<Output>,
-    escalation: Option<(String, String)>,
-    /// The lane whose SLA passed (an escalation or an expiry).
-    breach: Option<String>,
-    reminded: Option<String>,
-    /// Whether an outcome is among the outputs.
-    outcome: bool,
-    staged: Staged,
 }
 
 /// A record changed by the batch: the new state and what memory will
@@ -359,217 +299,6 @@ impl EscalateStage {
         close_consumer(consumer, CLOSE_LIMIT);
         tracing::info!(?summary, "escalation stage stopped");
         Ok(summary)
-    }
-
-    /// Restores newly assigned pending partitions from the changelog and
-    /// drops revoked ones.
-    fn sync_assignment(
-        &self,
-        consumer: &BaseConsumer<StageContext>,
-        state: &mut State,
-    ) -> Result<(), KafkaStageError> {
-        let Ok(assignment) = consumer.assignment() else {
-            return Ok(());
-        };
-        let pending = &self.config.topics.pending;
-        let held: BTreeSet<i32> = assignment
-            .elements_for_topic(pending)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
-        if held == state.partitions {
-            return Ok(());
-        }
-        let revoked: Vec<i32> = state.partitions.difference(&held).copied().collect();
-        if !revoked.is_empty() {
-            for partition in &revoked {
-                for held in state.records.leave(*partition).into_values() {
-                    state.count(held.undecided().map(|l| &**l), -1);
-                }
-            }
-            state.closing.retain(|_, (p, _)| !revoked.contains(p));
-            state.restored_to.retain(|p, _| !revoked.contains(p));
-            state.closed.retain(|_, (p, _, _)| !revoked.contains(p));
-            state.to_allow.retain(|id| state.records.contains_key(id));
-            state.timers.clear();
-            for (id, held) in state.records.iter() {
-                state
-                    .timers
-                    .schedule_clocks(id, held.lanes.iter().map(|l| l.clock));
-            }
-            for (id, (_, _, at)) in &state.closed {
-                state.timers.schedule_purge(id, *at);
-            }
-            tracing::info!(?revoked, "pending partitions revoked; their approvals dropped");
-        }
-        let assigned: Vec<(i32, i64)> = held
-            .difference(&state.partitions)
-            .map(|&p| (p, committed_offset(consumer, pending, p)))
-            .collect();
-        if !assigned.is_empty() {
-            self.health.set_ready(false, "restoring pending approvals");
-            // The group consumer would fetch these partitions while the
-            // restore reads them too: paused, it fetches nothing until it is
-            // sought to where the restore ended.
-            let mut fresh = TopicPartitionList::new();
-            for (partition, _) in &assigned {
-                fresh.add_partition(pending, *partition);
-            }
-            if let Err(e) = consumer.pause(&fresh) {
-                tracing::warn!(error = %e, "pending partitions not paused for the restore");
-            }
-            let started = std::time::Instant::now();
-            for (partition, restored) in self.restore_all(&state.store, &assigned) {
-                let restored = restored?;
-                let count = restored.records.len();
-                let committed = assigned
-                    .iter()
-                    .find(|(p, _)| *p == partition)
-                    .map_or(0, |(_, c)| *c);
-                if restored.applied_to > committed {
-                    seek(consumer, pending, partition, restored.applied_to);
-                }
-                state.restored_to.insert(partition, restored.applied_to);
-                self.join(state, partition, restored);
-                tracing::info!(partition, restored = count, elapsed = ?started.elapsed(), "pending partition restored");
-            }
-            if let Err(e) = consumer.resume(&fresh) {
-                return Err(KafkaStageError::Other(format!(
-                    "resuming the restored pending partitions: {e}"
-                )));
-            }
-            self.publish_counts(state);
-        }
-        state.partitions = held;
-        self.health.set_ready(true, "");
-        Ok(())
-    }
-
-    /// Restores `assigned` (partition, committed offset) in parallel, a
-    /// few partitions at a time: reading and compressing a changelog
-    /// partition keeps a core busy, and partitions are independent. At
-    /// least four at once even on fewer cores: with one thread per core, 3
-    /// partitions on 2 cores took two rounds, the second on one core.
-    fn restore_all(
-        &self,
-        store: &Arc<Store>,
-        assigned: &[(i32, i64)],
-    ) -> Vec<(i32, Result<Restored, KafkaStageError>)> {
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .max(4)
-            .min(assigned.len().max(1));
-        let next = AtomicUsize::new(0);
-        let mut out: Vec<(i32, Result<Restored, KafkaStageError>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        while let Some(&(partition, committed)) =
-                            assigned.get(next.fetch_add(1, Ordering::Relaxed))
-                        {
-                            done.push((partition, self.restore(store, partition, committed)));
-                        }
-                        done
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        vec![(
-                            -1,
-                            Err(KafkaStageError::Other("a restore thread panicked".into())),
-                        )]
-                    })
-                })
-                .collect()
-        });
-        out.sort_by_key(|(p, _)| *p);
-        out
-    }
-
-    /// Reads one partition of the changelog and keeps the newest revision
-    /// of each action: open and allowed ones held, closed ones remembered.
-    fn restore(&self, store: &Store, partition: i32, committed: i64) -> Result<Restored, KafkaStageError> {
-        let retention = self.config.closed_retention;
-        let mut out = Restored::default();
-        let records = &mut out.records;
-        let closed = &mut out.closed;
-        (out.read, out.applied_to) = read_partition_each(
-            &self.config,
-            &self.config.topics.pending,
-            partition,
-            committed,
-            Duration::from_secs(300),
-            |key, payload| {
-                let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-                    return;
-                };
-                let Some(bytes) = payload else {
-                    records.remove(key);
-                    closed.remove(key);
-                    return;
-                };
-                let head = match Head::parse(bytes) {
-                    Ok(head) => head,
-                    Err(e) => return tracing::warn!(key, error = %e, "unreadable pending record skipped"),
-                };
-                let newest = records
-                    .get(key)
-                    .map(|h| h.revision)
-                    .or_else(|| closed.get(key).map(|(r, _)| *r));
-                if newest.is_some_and(|r| head.revision <= r) {
-                    return;
-                }
-                if head.status == Status::Closed {
-                    let at = escalation::purge_at(head.closed_at.unwrap_or(head.routed_at), retention);
-                    let id = records
-                        .remove_entry(key)
-                        .map_or_else(|| Arc::from(key), |(k, _)| k);
-                    closed.insert(id, (head.revision, at));
-                    return;
-                }
-                match Held::from_head(store, partition, &head, bytes) {
-                    Ok(held) => {
-                        let id = closed.remove_entry(key).map(|(k, _)| k);
-                        match records.get_mut(key) {
-                            Some(slot) => *slot = held,
-                            None => {
-                                records.insert(id.unwrap_or_else(|| Arc::from(key)), held);
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(key, error = %e, "pending record not held"),
-                }
-            },
-        )?;
-        out.schedule();
-        Ok(out)
-    }
-
-    /// Adds a restored partition to the state: counts, timers, allowed
-    /// actions still to close.
-    fn join(&self, state: &mut State, partition: i32, mut restored: Restored) {
-        state.timers.append(&mut restored.timers);
-        for (lane, n) in restored.open {
-            *state.open.entry(lane).or_default() += n;
-        }
-        state.to_allow.extend(
-            restored
-                .records
-                .iter()
-                .filter(|(_, held)| held.status == Status::Allowed)
-                .map(|(id, _)| id.clone()),
-        );
-        state.records.join(partition, restored.records);
-        state.closed.extend(
-            restored
-                .closed
-                .into_iter()
-                .map(|(id, (revision, at))| (id, (partition, revision, at))),
-        );
     }
 
     /// The newest revision of an action as this batch sees it.
@@ -747,227 +476,6 @@ impl EscalateStage {
         }
     }
 
-    /// Fires every reminder and SLA due by `now`. A large burst (thousands
-    /// of SLAs falling due together) is worked out on every core: each
-    /// action's timers in due order on one thread, actions in parallel, so
-    /// the outcome is the same as one thread firing them in due order.
-    fn fire_due(&self, state: &mut State, work: &mut Work, now: DateTime<Utc>) {
-        let matrix = self.matrix.current();
-        let mut due: Vec<Timer> = Vec::new();
-        while let Some(timer) = state.timers.pop_due(now) {
-            if timer.kind == TimerKind::Purge {
-                if state.purge_is_due(&timer) {
-                    work.outputs.push(Output {
-                        topic: self.config.topics.pending.clone(),
-                        key: Some(timer.action_id.as_bytes().to_vec()),
-                        payload: None,
-                        headers: Vec::new(),
-                    });
-                    work.purged.push(timer.action_id.clone());
-                }
-                work.popped.push(timer);
-            } else {
-                due.push(timer);
-            }
-        }
-        if due.is_empty() {
-            return;
-        }
-        // Each action's timers, in due order, as one job.
-        let mut jobs: Vec<Job> = Vec::new();
-        let mut job_of: HashMap<&str, usize> = HashMap::new();
-        for timer in &due {
-            let next = jobs.len();
-            let i = *job_of.entry(&timer.action_id).or_insert(next);
-            if i == next {
-                jobs.push(Vec::new());
-            }
-            jobs[i].push(timer);
-        }
-        let fire = |job: &[&Timer]| -> Vec<Prepared> {
-            let mut out: Vec<Prepared> = Vec::new();
-            for timer in job {
-                let mine = out.last().map(|p| (p.partition, Cow::Borrowed(&p.staged.record)));
-                let current = match mine {
-                    Some(current) => Some(current),
-                    None => self.current(state, work, &timer.action_id),
-                };
-                let Some((partition, record)) = current else {
-                    continue;
-                };
-                if !escalation::is_current(&record, timer, now) {
-                    continue;
-                }
-                let effects = if timer.kind == TimerKind::Remind {
-                    escalation::remind(&record, timer.lane, now)
-                } else {
-                    escalation::fire(&record, timer.lane, &matrix, now)
-                };
-                let effects = match effects {
-                    Ok(effects) => effects,
-                    Err(e) => {
-                        tracing::error!(action_id = %timer.action_id, error = %e, "held approval unreadable; left alone");
-                        continue;
-                    }
-                };
-                if let Some(prepared) = self.prepare(&state.store, partition, effects) {
-                    out.push(prepared);
-                }
-            }
-            out
-        };
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut lost: Vec<Timer> = Vec::new();
-        let prepared: Vec<Vec<Prepared>> = if jobs.len() < PARALLEL_BURST || workers < 2 {
-            jobs.iter().map(|job| fire(job)).collect()
-        } else {
-            let chunk = jobs.len().div_ceil(workers);
-            let results: Vec<Worked> = std::thread::scope(|scope| {
-                let handles: Vec<_> = jobs
-                    .chunks(chunk)
-                    .map(|chunk| {
-                        (
-                            chunk,
-                            scope.spawn(|| chunk.iter().map(|job| fire(job)).collect::<Vec<_>>()),
-                        )
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(chunk, h)| (chunk, h.join().ok()))
-                    .collect()
-            });
-            let mut prepared = Vec::new();
-            for (chunk, result) in results {
-                match result {
-                    Some(done) => prepared.extend(done),
-                    None => {
-                        // A worker runs only the pure state machine and
-                        // serde_json; should it panic all the same, its
-                        // timers go back in the queue rather than being lost.
-                        tracing::error!(
-                            timers = chunk.len(),
-                            "a timer worker panicked; its timers are put back"
-                        );
-                        lost.extend(chunk.iter().flatten().map(|t| (*t).clone()));
-                    }
-                }
-            }
-            prepared
-        };
-        for prepared in prepared.into_iter().flatten() {
-            self.apply(work, prepared);
-        }
-        drop(job_of);
-        drop(jobs);
-        for timer in &lost {
-            state.reschedule(timer, now);
-        }
-        work.popped.extend(due);
-    }
-
-    /// Turns effects into outputs and a staged record.
-    fn stage(&self, store: &Store, work: &mut Work, partition: i32, effects: Effects) {
-        if let Some(prepared) = self.prepare(store, partition, effects) {
-            self.apply(work, prepared);
-        }
-    }
-
-    /// Serializes what a change writes (the pure, costly half of staging,
-    /// safe to run on any thread).
-    fn prepare(&self, store: &Store, partition: i32, effects: Effects) -> Option<Prepared> {
-        let topics = &self.config.topics;
-        let key = effects.record.action_id.as_bytes().to_vec();
-        let mut outputs = Vec::with_capacity(effects.packets.len() + 2);
-        for (topic, packet) in &effects.packets {
-            if let Ok(bytes) = crate::encode::to_vec(packet) {
-                outputs.push(Output {
-                    topic: topic.clone(),
-                    key: Some(key.clone()),
-                    payload: Some(bytes),
-                    headers: Vec::new(),
-                });
-            }
-        }
-        let breach = match (&effects.escalation, &effects.outcome) {
-            (Some(_), _) => effects
-                .packets
-                .first()
-                .and_then(|(_, p)| p.lane.as_deref())
-                .map(str::to_string),
-            (None, Some(outcome)) => outcome.expired_lane.as_deref().map(str::to_string),
-            (None, None) => None,
-        };
-        let mut outcome = false;
-        if let Some(o) = &effects.outcome
-            && let Ok(bytes) = crate::encode::to_vec(o)
-        {
-            outputs.push(Output {
-                topic: topics.outcomes.clone(),
-                key: Some(key.clone()),
-                payload: Some(bytes),
-                headers: Vec::new(),
-            });
-            outcome = true;
-        }
-        let bytes = match crate::encode::to_vec(&effects.record) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                // Our own struct always serializes; were it ever not to,
-                // memory must not move ahead of the changelog.
-                tracing::error!(action_id = %effects.record.action_id, error = %e, "pending record not serializable; not staged");
-                return None;
-            }
-        };
-        // Held now, on whichever thread works the change out; should that
-        // fail, holding is tried again (and the error logged) once durable.
-        let hold = match effects.record.status {
-            Status::Closed => Hold::Bytes(Vec::new()),
-            _ => match Held::from_record(store, partition, &effects.record, &bytes) {
-                Ok(held) => Hold::Ready(held),
-                Err(_) => Hold::Bytes(bytes.clone()),
-            },
-        };
-        outputs.push(Output {
-            topic: topics.pending.clone(),
-            key: Some(key),
-            payload: Some(bytes),
-            headers: Vec::new(),
-        });
-        Some(Prepared {
-            partition,
-            outputs,
-            escalation: effects.escalation,
-            breach,
-            reminded: effects.reminded,
-            outcome,
-            staged: Staged {
-                partition,
-                record: effects.record,
-                hold,
-            },
-        })
-    }
-
-    /// Adds a prepared change to the batch.
-    fn apply(&self, work: &mut Work, prepared: Prepared) {
-        work.outputs.extend(prepared.outputs);
-        if let Some(escalation) = prepared.escalation {
-            work.escalations.push(escalation);
-        }
-        if let Some(lane) = prepared.breach {
-            work.breaches.push(lane);
-        }
-        if let Some(lane) = prepared.reminded {
-            work.reminders.push(lane);
-        }
-        if prepared.outcome {
-            work.outcomes += 1;
-        }
-        work.staged
-            .insert(prepared.staged.record.action_id.to_string(), prepared.staged);
-    }
-
     /// Applies a durable batch to memory and metrics.
     fn committed(&self, state: &mut State, work: Work) {
         let m = &self.metrics;
@@ -1056,35 +564,6 @@ impl EscalateStage {
                 .pending_approvals
                 .with_label_values(&[&**lane])
                 .set(*n);
-        }
-    }
-}
-
-/// Moves the group consumer's position on a restored partition to where
-/// the restore ended, so it does not read the changelog a second time.
-/// Best effort: if the seek fails, the records before `offset` are read
-/// and skipped by offset instead (`State::restored_to`).
-fn seek(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32, offset: i64) {
-    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
-        tracing::warn!(topic, partition, offset, error = %e, "not sought past the restored records; they are read and skipped");
-    }
-}
-
-/// The group's committed offset of one partition (0 when none).
-fn committed_offset(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32) -> i64 {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
-        Ok(committed) => committed
-            .find_partition(topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .unwrap_or(0),
-        Err(e) => {
-            tracing::warn!(topic, partition, error = %e, "committed offset unknown; restoring to the high watermark");
-            0
         }
     }
 }

@@ -41,30 +41,43 @@ impl Gate {
     }
 }
 
-/// A reader of `TOPIC` that keeps the keys it has applied, each once
-/// through `gate`.
-fn reader(
-    kafka: &MockKafka,
-    stop: &Arc<AtomicBool>,
-    gate: &Arc<Gate>,
-) -> (TableReader, Arc<Mutex<HashSet<Vec<u8>>>>) {
-    let keys: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
-    let applied = keys.clone();
-    let gate = gate.clone();
-    let config = Config::new(kafka.bootstrap(), PathBuf::new());
-    let reader = TableReader::spawn(
-        &config,
-        "table",
-        vec![TOPIC.to_string()],
-        Box::new(move |_, key, _| {
-            gate.pass();
-            applied.lock().unwrap().insert(key.to_vec());
-        }),
-        stop.clone(),
-    )
-    .expect("the reader starts");
-    assert!(reader.wait_caught_up(stop, LIMIT), "the empty table is read");
-    (reader, keys)
+/// A mock cluster with `TOPIC` (3 partitions) and a reader of it that
+/// keeps the keys it has applied, each once through the gate.
+struct Table {
+    kafka: MockKafka,
+    reader: TableReader,
+    keys: Arc<Mutex<HashSet<Vec<u8>>>>,
+    gate: Arc<Gate>,
+}
+
+impl Table {
+    fn new() -> Table {
+        let kafka = MockKafka::new();
+        kafka.create_topic(TOPIC, 3);
+        let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(Gate::default());
+        let keys: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+        let (applied, passing) = (keys.clone(), gate.clone());
+        let config = Config::new(kafka.bootstrap(), PathBuf::new());
+        let reader = TableReader::spawn(
+            &config,
+            "table",
+            vec![TOPIC.to_string()],
+            Box::new(move |_, key, _| {
+                passing.pass();
+                applied.lock().unwrap().insert(key.to_vec());
+            }),
+            stop.clone(),
+        )
+        .expect("the reader starts");
+        assert!(reader.wait_caught_up(&stop, LIMIT), "the empty table is read");
+        Table {
+            kafka,
+            reader,
+            keys,
+            gate,
+        }
+    }
 }
 
 fn key(i: usize) -> Vec<u8> {
@@ -73,24 +86,20 @@ fn key(i: usize) -> Vec<u8> {
 
 #[test]
 fn a_catch_up_returns_once_everything_written_before_it_is_applied() {
-    let kafka = MockKafka::new();
-    kafka.create_topic(TOPIC, 3);
-    let stop = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(Gate::default());
-    let (reader, keys) = reader(&kafka, &stop, &gate);
-    let catch_up = reader.catch_up();
+    let table = Table::new();
+    let catch_up = table.reader.catch_up();
     for round in 0..3 {
         // The reader falls behind by everything written in the round.
-        gate.set(true);
-        let producer = Producer::new(&kafka.bootstrap());
+        table.gate.set(true);
+        let producer = Producer::new(&table.kafka.bootstrap());
         for i in round * 2_000..(round + 1) * 2_000 {
             producer.send(TOPIC, None, Some(&key(i)), Some(b"{}"));
         }
         producer.flush();
-        gate.set(false);
+        table.gate.set(false);
         // No wait of the test's own: the catch-up is the wait.
         assert!(catch_up.now(LIMIT), "round {round}: caught up within {LIMIT:?}");
-        let keys = keys.lock().unwrap();
+        let keys = table.keys.lock().unwrap();
         let missing = (0..(round + 1) * 2_000)
             .filter(|i| !keys.contains(&key(*i)))
             .count();
@@ -106,14 +115,10 @@ fn a_catch_up_returns_once_everything_written_before_it_is_applied() {
 /// its limit.
 #[test]
 fn a_catch_up_steps_over_transaction_markers() {
-    let kafka = MockKafka::new();
-    kafka.create_topic(TOPIC, 3);
-    let stop = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(Gate::default());
-    let (reader, keys) = reader(&kafka, &stop, &gate);
-    gate.set(true);
+    let table = Table::new();
+    table.gate.set(true);
     let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
+        .set("bootstrap.servers", table.kafka.bootstrap())
         .set("transactional.id", "table-writer")
         .create()
         .expect("a transactional producer");
@@ -128,10 +133,10 @@ fn a_catch_up_steps_over_transaction_markers() {
         }
         producer.commit_transaction(LIMIT).expect("committed");
     }
-    gate.set(false);
+    table.gate.set(false);
     assert!(
-        reader.catch_up().now(LIMIT),
+        table.reader.catch_up().now(LIMIT),
         "not caught up within {LIMIT:?}: the markers were not stepped over"
     );
-    assert_eq!(keys.lock().unwrap().len(), 300);
+    assert_eq!(table.keys.lock().unwrap().len(), 300);
 }

@@ -113,7 +113,9 @@ pub struct Metrics {
     pub transactions_total: IntCounterVec,
     /// `switchboard_kafka_errors_total{kind}`: errors reported by the Kafka
     /// client, by short fixed kind (e.g. `"consume"`, `"produce"`,
-    /// `"commit"`, `"fatal"`), so SREs can tell broker trouble from ours.
+    /// `"commit"`, `"fatal"`; `"catch_up"` when the seen index could not
+    /// read the changelog to its end at an assignment), so SREs can tell
+    /// broker trouble from ours.
     pub kafka_errors_total: IntCounterVec,
 }
 

@@ -97,11 +97,13 @@ impl RouteStage {
             .create_with_context(StageContext::new(self.metrics.clone()).with_health(self.health.clone()))
             .map_err(KafkaStageError::kafka("creating the route consumer"))?;
         let catch_up = seen_reader.catch_up();
+        let metrics = self.metrics.clone();
         consumer.context().set_on_assign(Some(Box::new(move || {
             let started = Instant::now();
             if catch_up.now(CATCH_UP_LIMIT) {
                 tracing::debug!(took = ?started.elapsed(), "seen index caught up with the changelog");
             } else {
+                metrics.kafka_errors_total.with_label_values(&["catch_up"]).inc();
                 tracing::error!(
                     limit = ?CATCH_UP_LIMIT,
                     "the seen index did not catch up with the changelog; routing the new partitions anyway: \

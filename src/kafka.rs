@@ -101,6 +101,10 @@ pub fn reader_config(config: &Config) -> ClientConfig {
     let mut c = consumer_config(config, "switchboard-reader");
     // Lag of a group-less reader means nothing; stats would only add noise.
     c.set("statistics.interval.ms", "0");
+    // Pass-through properties still come last.
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
     c
 }
 
@@ -410,6 +414,8 @@ mod tests {
                 ("sasl.username".into(), "switchboard".into()),
                 ("sasl.password".into(), "hunter2".into()),
                 ("ssl.ca.location".into(), "/etc/kafka/ca.pem".into()),
+                // Set by switchboard too: the operator's value wins.
+                ("statistics.interval.ms".into(), "60000".into()),
             ]),
         )
     }

@@ -110,11 +110,15 @@ fn a_catch_up_returns_once_everything_written_before_it_is_applied() {
     }
 }
 
-/// A changelog written in transactions ends in commit markers, which no
-/// record reaches: the catch-up must step over them rather than wait out
-/// its limit.
+/// A changelog written in transactions, as the exactly-once stages write
+/// it, read committed. On a real broker each transaction ends in a commit
+/// marker that no record reaches, which is why the catch-up compares the
+/// reader's positions, not its records' offsets, with the ends; the mock
+/// cluster writes no markers (README, *Faults*), and tansu 0.6.0 refuses
+/// librdkafka's transactions, so what this checks here is a catch-up over
+/// a transactional writer's committed records.
 #[test]
-fn a_catch_up_steps_over_transaction_markers() {
+fn a_catch_up_reads_a_transactional_writers_committed_records() {
     let table = Table::new();
     table.gate.set(true);
     let producer: BaseProducer = ClientConfig::new()
@@ -136,7 +140,7 @@ fn a_catch_up_steps_over_transaction_markers() {
     table.gate.set(false);
     assert!(
         table.reader.catch_up().now(LIMIT),
-        "not caught up within {LIMIT:?}: the markers were not stepped over"
+        "not caught up within {LIMIT:?}"
     );
     assert_eq!(table.keys.lock().unwrap().len(), 300);
 }

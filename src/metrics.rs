@@ -32,6 +32,10 @@ const END_TO_END_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// `seen_catch_up_seconds`: an assignment's wait for the seen index, from
+/// a millisecond (caught up already) to the 30 s it waits at most.
+const CATCH_UP_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 /// `decision_latency_seconds`: humans decide in seconds to a day, 1 s .. 24 h.
 const DECISION_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
@@ -69,6 +73,11 @@ pub struct Metrics {
     /// `switchboard_route_duration_seconds`: time spent in the pure routing
     /// core per action; catches a matrix that became expensive to evaluate.
     pub route_duration_seconds: Histogram,
+    /// `switchboard_seen_catch_up_seconds`: how long each assignment of
+    /// `agent.actions` partitions waited for the seen index to read the
+    /// changelog to its end before routing them; long waits mean the index's
+    /// tail runs far behind, and handovers stall for it.
+    pub seen_catch_up_seconds: Histogram,
     /// `switchboard_end_to_end_latency_seconds`: event time to approval
     /// packet durable; what an agent waiting on a lane actually experiences
     /// before a human can even see the request.
@@ -166,6 +175,14 @@ impl Metrics {
                     "route_duration_seconds",
                     "Time spent routing one action, in seconds.",
                     ROUTE_BUCKETS,
+                ),
+            ),
+            seen_catch_up_seconds: register(
+                r,
+                histogram(
+                    "seen_catch_up_seconds",
+                    "Time an assignment waited for the seen index to reach the changelog's end, in seconds.",
+                    CATCH_UP_BUCKETS,
                 ),
             ),
             end_to_end_latency_seconds: register(
@@ -437,6 +454,7 @@ mod tests {
         "switchboard_duplicates_total",
         "switchboard_route_duration_seconds",
         "switchboard_end_to_end_latency_seconds",
+        "switchboard_seen_catch_up_seconds",
         "switchboard_pending_approvals",
         "switchboard_escalations_total",
         "switchboard_sla_breaches_total",
@@ -464,6 +482,7 @@ mod tests {
         m.duplicates_total.inc();
         m.route_duration_seconds.observe(3e-6);
         m.end_to_end_latency_seconds.observe(0.02);
+        m.seen_catch_up_seconds.observe(0.003);
         m.pending_approvals.with_label_values(&["finance"]).set(2);
         m.escalations_total
             .with_label_values(&["team-lead", "director"])
@@ -526,7 +545,12 @@ mod tests {
 
     #[test]
     fn buckets_cover_the_documented_ranges() {
-        for buckets in [ROUTE_BUCKETS, END_TO_END_BUCKETS, DECISION_BUCKETS] {
+        for buckets in [
+            ROUTE_BUCKETS,
+            END_TO_END_BUCKETS,
+            CATCH_UP_BUCKETS,
+            DECISION_BUCKETS,
+        ] {
             assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{buckets:?}");
         }
         assert_eq!(ROUTE_BUCKETS.first(), Some(&1e-6));

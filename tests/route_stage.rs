@@ -970,6 +970,69 @@ fn instances_joining_and_leaving_under_load_route_every_action_once() {
     check_sent(&config, &matrix, &sent);
 }
 
+/// A partition's new owner routes none of its records before its seen
+/// index has read the changelog to its end: an action the last owner
+/// routed, sent again right after the handover, is recognised, and the
+/// heir's handover is one more catch-up it waited for
+/// (`seen_catch_up_seconds`). (A tail far behind at the handover is what
+/// `tests/table_reader.rs` holds a reader to.)
+#[test]
+fn a_new_owner_catches_up_and_recognises_what_the_last_owner_routed() {
+    let kafka = MockKafka::new();
+    let matrix = default_matrix();
+    let mut config = route_config(&kafka.bootstrap(), &default_matrix_path(), Guarantee::AtLeastOnce);
+    quick_rejoin(&mut config);
+    config.partitions = 2;
+    kafka.create_topics(&config, &matrix);
+    let actions = config.topics.actions.clone();
+    let held = |m: &Metrics| m.assigned_partitions.with_label_values(&[&actions]).get();
+    let consumed = |m: &Metrics| m.events_consumed_total.with_label_values(&[&actions]).get();
+    let metrics = [Metrics::new(), Metrics::new()];
+    let mut stages: Vec<Option<StageThread>> = metrics
+        .iter()
+        .map(|m| Some(StageThread::start(config.clone(), m.clone())))
+        .collect();
+    wait_for(deadline(60), "each instance holding a partition", || {
+        metrics.iter().all(|m| held(m) == 1)
+    });
+
+    let case = valid_cases("handover", 1).remove(0).on(0);
+    send_cases(&kafka.bootstrap(), &actions, std::slice::from_ref(&case));
+    wait_for(deadline(60), "the action routed", || {
+        metrics.iter().map(consumed).sum::<u64>() == 1
+    });
+    let owner = (0..2)
+        .find(|i| consumed(&metrics[*i]) == 1)
+        .expect("one routed it");
+    let heir = 1 - owner;
+    let catch_ups = metrics[heir].seen_catch_up_seconds.get_sample_count();
+    stages[owner]
+        .take()
+        .expect("running")
+        .stop(Duration::from_secs(60));
+    wait_for(deadline(60), "the heir holding both partitions", || {
+        held(&metrics[heir]) == 2
+    });
+    assert!(
+        metrics[heir].seen_catch_up_seconds.get_sample_count() > catch_ups,
+        "the heir's assignment waited for its seen index"
+    );
+
+    send_cases(&kafka.bootstrap(), &actions, std::slice::from_ref(&case));
+    wait_for(deadline(60), "the heir handling the action sent again", || {
+        consumed(&metrics[heir]) == 1
+    });
+    let summary = stages[heir]
+        .take()
+        .expect("running")
+        .stop(Duration::from_secs(60));
+    assert_eq!(
+        (summary.duplicates, summary.routed, summary.allowed),
+        (1, 0, 0),
+        "the heir recognised the action and opened no second approval: {summary:?}"
+    );
+}
+
 /// A record's own headers travel with it: the dead letter of a bad record
 /// carries them first, in order and byte for byte (a header without a
 /// value as an empty one), then switchboard's. The stage reads records

@@ -222,9 +222,8 @@ impl ConsumerContext for StageContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                self.assigned.store(true, Ordering::Release);
-                self.count_partitions(tpl, true);
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                // First, so that the partitions count as assigned (the
+                // metric, the log) once the stage can take their records.
                 if tpl.count() > 0 {
                     let hook = match self.on_assign.lock() {
                         Ok(slot) => slot,
@@ -234,6 +233,9 @@ impl ConsumerContext for StageContext {
                         hook();
                     }
                 }
+                self.assigned.store(true, Ordering::Release);
+                self.count_partitions(tpl, true);
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 self.count_partitions(tpl, false);

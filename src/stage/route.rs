@@ -100,7 +100,11 @@ impl RouteStage {
         let metrics = self.metrics.clone();
         consumer.context().set_on_assign(Some(Box::new(move || {
             let started = Instant::now();
-            if catch_up.now(CATCH_UP_LIMIT) {
+            let caught_up = catch_up.now(CATCH_UP_LIMIT);
+            metrics
+                .seen_catch_up_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if caught_up {
                 tracing::debug!(took = ?started.elapsed(), "seen index caught up with the changelog");
             } else {
                 metrics.kafka_errors_total.with_label_values(&["catch_up"]).inc();

@@ -18,6 +18,12 @@ use prometheus::{
     TextEncoder,
 };
 
+/// The kinds of `kafka_errors_total`: an error a client reported
+/// (`client`), a failed poll (`consume`), an offset commit the broker
+/// refused (`commit`), and a seen index that could not read the changelog
+/// to its end at an assignment (`catch_up`).
+pub const KAFKA_ERROR_KINDS: [&str; 4] = ["client", "consume", "commit", "catch_up"];
+
 /// Prefix of every metric name.
 pub const NAMESPACE: &str = "switchboard";
 
@@ -121,10 +127,8 @@ pub struct Metrics {
     /// `result` = `"commit"` or `"abort"`; aborts mean redelivery work.
     pub transactions_total: IntCounterVec,
     /// `switchboard_kafka_errors_total{kind}`: errors reported by the Kafka
-    /// client, by short fixed kind (e.g. `"consume"`, `"produce"`,
-    /// `"commit"`, `"fatal"`; `"catch_up"` when the seen index could not
-    /// read the changelog to its end at an assignment), so SREs can tell
-    /// broker trouble from ours.
+    /// clients, by one of [`KAFKA_ERROR_KINDS`], so SREs can tell broker
+    /// trouble from ours.
     pub kafka_errors_total: IntCounterVec,
 }
 
@@ -324,6 +328,9 @@ impl Metrics {
         }
         for result in ["commit", "abort"] {
             self.transactions_total.with_label_values(&[result]);
+        }
+        for kind in KAFKA_ERROR_KINDS {
+            self.kafka_errors_total.with_label_values(&[kind]);
         }
         for reason in crate::decode::DEAD_LETTER_REASONS {
             self.dead_letters_total.with_label_values(&[reason]);
